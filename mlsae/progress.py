@@ -1,0 +1,49 @@
+"""One progress reporter for every long loop: rate, ETA and extra fields, on stderr.
+
+Prefect tasks pass `log=logger.info` to route the same lines to the run log.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+
+class Progress:
+    """Reports `done/total unit` with a rate, at most every `every_s` seconds."""
+
+    def __init__(self, desc: str, total: float | None = None, unit: str = "tokens",
+                 every_s: float = 5.0, log: Callable[[str], None] | None = None):
+        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.done = 0.0
+        self.start = self._last = time.perf_counter()
+
+    def update(self, n: float, **fields: object) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.log(self._line(now, fields))
+
+    def close(self, **fields: object) -> float:
+        """Report the final line; return the mean rate (units per second)."""
+        now = time.perf_counter()
+        self.log(self._line(now, fields) + " (done)")
+        return self.rate(now)
+
+    def rate(self, now: float | None = None) -> float:
+        elapsed = (now or time.perf_counter()) - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def _line(self, now: float, fields: dict) -> str:
+        rate = self.rate(now)
+        parts = [f"{self.desc}: {self.done:,.0f}"]
+        if self.total:
+            parts[0] += f"/{self.total:,.0f}"
+            if rate > 0 and self.done < self.total:
+                parts.append(f"ETA {(self.total - self.done) / rate:,.0f}s")
+        parts.append(f"{rate:,.0f} {self.unit}/s")
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
+        return " | ".join(parts)

@@ -1,0 +1,221 @@
+"""Pretrain the embedded default model (mlsae/embedded/model/) from scratch.
+
+Reproducible end to end, offline, on the embedded corpus:
+  1. a byte-level BPE tokenizer (vocab 8192, `<|endoftext|>` special token)
+     trained on the TRAIN split with `tokenizers`, saved as a transformers
+     tokenizer;
+  2. a GPT-NeoX (Pythia architecture) causal LM built from a config and
+     trained with AdamW on 256-token sequences of the train split (documents
+     joined with `<|endoftext|>`), held-out loss measured on the test split;
+  3. weights saved once as fp16 safetensors, plus the loss curve (PNG) and
+     the numbers for the model card (training_log.json).
+
+Usage:  python scripts/train_embedded_model.py [--steps 1200] [--out mlsae/embedded/model]
+Seeded; on 2 CPU threads the default run (bf16 autocast, fp32 weights) takes 20-30 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+EOT = "<|endoftext|>"
+CORPUS = Path("mlsae/embedded/corpus")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT,
+        model_max_length=2048,
+    )
+
+
+def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
+    """All documents joined as doc EOT doc EOT ..., one flat int32 array."""
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    flat: list[int] = []
+    for doc in ids:
+        flat.extend(doc)
+        flat.append(eot)
+    return np.asarray(flat, dtype=np.int32)
+
+
+def build_model(vocab_size: int, seed: int) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=1024,
+        rotary_pct=0.25,
+        max_position_embeddings=1024,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+@torch.no_grad()
+def heldout_loss(model, test_BT: torch.Tensor, batch: int = 16) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(test_BT), batch):
+        x = test_BT[i : i + batch].long()
+        out = model(input_ids=x, labels=x)
+        total += out.loss.item() * x.numel()
+        count += x.numel()
+    model.train()
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("mlsae/embedded/model"))
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-seqs", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="train in plain fp32 (bf16 autocast is ~1.5x faster on CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    train_texts = pq.read_table(CORPUS / "train.parquet")["text"].to_pylist()
+    test_texts = pq.read_table(CORPUS / "test.parquet")["text"].to_pylist()
+    t0 = time.time()
+    tokenizer = train_tokenizer(train_texts, args.vocab)
+    tokenizer.save_pretrained(args.out)
+    print(f"tokenizer trained in {time.time() - t0:.1f}s", flush=True)
+
+    train_ids = token_stream(tokenizer, train_texts)
+    test_ids = token_stream(tokenizer, test_texts)
+    n_train_seq = len(train_ids) // args.seq_len
+    train_BT = torch.from_numpy(train_ids[: n_train_seq * args.seq_len].reshape(-1, args.seq_len))
+    n_test_seq = len(test_ids) // args.seq_len
+    test_BT = torch.from_numpy(test_ids[: n_test_seq * args.seq_len].reshape(-1, args.seq_len))
+    eval_BT = test_BT[:: max(1, len(test_BT) // args.eval_seqs)][: args.eval_seqs]
+    print(f"train tokens {train_ids.size:,} ({n_train_seq} seqs), test tokens {test_ids.size:,}",
+          flush=True)
+
+    model = build_model(len(tokenizer), args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    warmup = max(1, args.steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train_BT), generator=gen)
+    cursor = 0
+    log: dict = {"step": [], "tokens": [], "train_loss": [], "eval_step": [], "eval_tokens": [],
+                 "heldout_loss": []}
+    running, t_start = None, time.time()
+    for step in range(args.steps):
+        if cursor + args.batch > len(order):  # new epoch, new order
+            order, cursor = torch.randperm(len(train_BT), generator=gen), 0
+        x = train_BT[order[cursor : cursor + args.batch]].long()
+        cursor += args.batch
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=not args.no_bf16):
+            loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        tokens = (step + 1) * args.batch * args.seq_len
+        log["step"].append(step + 1)
+        log["tokens"].append(tokens)
+        log["train_loss"].append(loss.item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            held = heldout_loss(model, eval_BT)
+            log["eval_step"].append(step + 1)
+            log["eval_tokens"].append(tokens)
+            log["heldout_loss"].append(held)
+            rate = tokens / (time.time() - t_start)
+            print(f"step {step + 1}/{args.steps} tokens {tokens:,} train {running:.3f} "
+                  f"held-out {held:.3f} lr {lr_at(step):.2e} {rate:,.0f} tok/s", flush=True)
+
+    final_heldout = heldout_loss(model, test_BT)
+    model.config.torch_dtype = "float16"
+    model.half().save_pretrained(args.out, safe_serialization=True)
+    log.update({
+        "n_params": n_params, "train_tokens_available": int(train_ids.size),
+        "test_tokens": int(test_ids.size), "tokens_seen": log["tokens"][-1],
+        "epochs": log["tokens"][-1] / train_ids.size, "final_heldout_loss_full_test": final_heldout,
+        "seconds": time.time() - t_start, "args": {k: str(v) for k, v in vars(args).items()},
+    })
+    (args.out / "training_log.json").write_text(json.dumps(log))
+    plot_curve(log, args.out / "loss_curve.png")
+    print(f"done: held-out loss (full test split) {final_heldout:.4f}, {n_params:,} params")
+
+
+def plot_curve(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    train = np.asarray(log["train_loss"])
+    window = min(25, len(train))
+    smooth = np.convolve(train, np.ones(window) / window, mode="valid")
+    ax.plot(np.asarray(log["tokens"][window - 1 :]) / 1e6, smooth, label="train (25-step mean)")
+    ax.plot(np.asarray(log["eval_tokens"]) / 1e6, log["heldout_loss"], "o-", ms=3,
+            label="held-out")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("embedded GPT-NeoX 6x256: pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

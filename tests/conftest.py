@@ -1,0 +1,51 @@
+"""Shared test setup: offline hub, quiet Prefect, small CPU thread count, tiny models."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports transformers / prefect.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_neox():
+    """A random 3-block GPT-NeoX (Pythia architecture), eval mode, fp32."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, rotary_pct=0.25)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """A random 3-block GPT-2, eval mode, fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """A random 3-block Llama-style model, eval mode, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                      max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
