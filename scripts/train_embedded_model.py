@@ -17,9 +17,9 @@ Seeded; on 2 CPU threads the default run (bf16 autocast, fp32 weights) takes 20-
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import math
+import os
 import time
 from pathlib import Path
 
