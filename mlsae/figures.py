@@ -1,0 +1,272 @@
+"""The paper's figures (SPEC section 5) as PNG files, from plain arrays.
+
+Every `plot_*` function takes numpy arrays (or lists) and a path, writes one PNG
+atomically and returns the path. The few statistics a figure needs that are not
+GROUP BYs over the latent table (residual-stream similarity, MMCS of decoder
+directions) are computed here too, from arrays; everything else comes from the
+SQL views and is passed in.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot,
+no global state), so several threads of a sweep can draw at once and no
+display is ever needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 120
+FIG3_PROMPT = "When John and Mary went to the store, John gave"
+
+
+# -- statistics from arrays -------------------------------------------------------------
+
+
+class ResidualSimilarity(NamedTuple):
+    adjacent_cos_L1: np.ndarray
+    """Mean cosine similarity of layer l and l+1 vectors (after per-layer mean subtraction), l = 0..L-2."""
+    mean_norm_L: np.ndarray
+    """Mean L2 norm of the raw block outputs per layer, l = 0..L-1."""
+
+
+def residual_similarity(acts_NLD: np.ndarray) -> ResidualSimilarity:
+    """SPEC Fig. 1 statistics from N token positions x L layers x D residual vectors.
+
+    Each layer's mean over the N tokens is subtracted before the cosine (the
+    residual stream has a large shared direction per layer that would otherwise
+    make every pair look alike).
+    """
+    acts = np.asarray(acts_NLD, dtype=np.float64)
+    if acts.ndim != 3 or acts.shape[0] == 0 or acts.shape[1] < 1:
+        raise ValueError(f"expected acts of shape [N, L, D] with N, L >= 1, got {acts.shape}")
+    mean_norm_L = np.linalg.norm(acts, axis=2).mean(axis=0)
+    centred = acts - acts.mean(axis=0, keepdims=True)
+    norms_NL = np.linalg.norm(centred, axis=2)
+    dots_NL1 = np.einsum("nld,nld->nl", centred[:, :-1], centred[:, 1:])
+    denom = norms_NL[:, :-1] * norms_NL[:, 1:]
+    cos_NL1 = np.divide(dots_NL1, denom, out=np.zeros_like(dots_NL1), where=denom > 0)
+    return ResidualSimilarity(adjacent_cos_L1=cos_NL1.mean(axis=0), mean_norm_L=mean_norm_L)
+
+
+def _unit_rows(dirs_MD: np.ndarray) -> np.ndarray:
+    dirs = np.asarray(dirs_MD, dtype=np.float32)
+    norms = np.linalg.norm(dirs, axis=1, keepdims=True)
+    return dirs / np.maximum(norms, 1e-12)
+
+
+def mmcs(dirs_MD: np.ndarray, chunk: int = 2048) -> float:
+    """Mean max cosine similarity within one dictionary: mean_j max_{i != j} cos(d_i, d_j).
+
+    `dirs_MD` holds one decoder direction per ROW (pass W_dec.T for a d x n
+    W_dec). Chunked so 16k+ latents never build an n x n matrix at once.
+    """
+    unit = _unit_rows(dirs_MD)
+    m = unit.shape[0]
+    if m < 2:
+        raise ValueError("MMCS needs at least two latents")
+    best = np.empty(m, dtype=np.float32)
+    for start in range(0, m, chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, start + rows] = -np.inf  # exclude i == j
+        best[start:start + chunk] = sims.max(axis=1)
+    return float(best.mean())
+
+
+def mmcs_between(dirs_MD: np.ndarray, other_MD: np.ndarray, chunk: int = 2048) -> float:
+    """Mean over the rows j of `dirs_MD` of max_i cos(dirs_j, other_i): how well `other` covers `dirs`."""
+    unit, other = _unit_rows(dirs_MD), _unit_rows(other_MD)
+    if unit.shape[1] != other.shape[1]:
+        raise ValueError(f"dictionaries live in different spaces: d={unit.shape[1]} vs {other.shape[1]}")
+    best = np.concatenate([(unit[s:s + chunk] @ other.T).max(axis=1)
+                           for s in range(0, unit.shape[0], chunk)])
+    return float(best.mean())
+
+
+class LayerDistribution(NamedTuple):
+    latent_J: np.ndarray
+    """Latent ids, sorted by expected layer (ties by id)."""
+    p_JL: np.ndarray
+    """p_j(l): each latent's activation mass over layers, rows sum to 1."""
+    expected_layer_J: np.ndarray
+
+
+def layer_distribution(latent: Sequence[int], layer: Sequence[int], mass: Sequence[float],
+                       n_layers: int) -> LayerDistribution:
+    """Pivot long (latent, layer, mass) rows (e.g. the `latent_layers` view) into p_j(l).
+
+    Latents with zero total mass are dropped. Rows are sorted by expected layer
+    E_j = sum_l l p_j(l), the order of SPEC Fig. 2.
+    """
+    latent = np.asarray(latent, dtype=np.int64)
+    layer = np.asarray(layer, dtype=np.int64)
+    mass = np.asarray(mass, dtype=np.float64)
+    if not (latent.shape == layer.shape == mass.shape):
+        raise ValueError("latent, layer and mass must have the same length")
+    if layer.size and (layer.min() < 0 or layer.max() >= n_layers):
+        raise ValueError(f"layer indices must lie in 0..{n_layers - 1}")
+    ids, row = np.unique(latent, return_inverse=True)
+    m_JL = np.zeros((ids.size, n_layers))
+    np.add.at(m_JL, (row, layer), mass)
+    total_J = m_JL.sum(axis=1)
+    keep = total_J > 0
+    ids, m_JL, total_J = ids[keep], m_JL[keep], total_J[keep]
+    p_JL = m_JL / total_J[:, None]
+    expected_J = p_JL @ np.arange(n_layers)
+    order = np.lexsort((ids, expected_J))
+    return LayerDistribution(latent_J=ids[order], p_JL=p_JL[order], expected_layer_J=expected_J[order])
+
+
+# -- drawing ------------------------------------------------------------------------------
+
+
+def _new_figure(width: float = 6.4, height: float = 4.0, ncols: int = 1):
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write the PNG next to its final name, then rename: never a half-written figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _relative_layers(n: int, n_layers: int) -> np.ndarray:
+    return np.arange(n) / max(n_layers - 1, 1)
+
+
+def plot_residual_similarity(curves: dict[str, ResidualSimilarity], path: str | os.PathLike) -> Path:
+    """SPEC Fig. 1: adjacent-layer cosine similarity vs l/(L-1), and mean norm per layer.
+
+    `curves` maps a label (model name) to its statistics; models of different
+    depths share the relative-layer axis. The pair (l, l+1) is drawn at l/(L-1).
+    """
+    if not curves:
+        raise ValueError("no curves to plot")
+    fig, (ax_cos, ax_norm) = _new_figure(10, 4, ncols=2)
+    for label, stats in curves.items():
+        n_layers = len(stats.mean_norm_L)
+        cos = np.asarray(stats.adjacent_cos_L1)
+        ax_cos.plot(_relative_layers(len(cos), n_layers), cos, marker="o", label=label)
+        ax_norm.plot(_relative_layers(n_layers, n_layers), stats.mean_norm_L, marker="o", label=label)
+    ax_cos.set(xlabel="relative layer l / (L - 1)", ylabel="mean cos(x_l, x_l+1), mean-centred",
+               title="Adjacent-layer similarity", xlim=(-0.05, 1.05))
+    ax_norm.set(xlabel="relative layer l / (L - 1)", ylabel="mean ||x_l||", title="Residual norm")
+    for ax in (ax_cos, ax_norm):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_layer_heatmap(dist: LayerDistribution, path: str | os.PathLike, title: str,
+                       max_latents: int = 4096) -> Path:
+    """SPEC Fig. 2/3: p_j(l) as an image, one row per latent sorted by expected layer.
+
+    With more than `max_latents` rows an evenly spaced subset is drawn (the sort
+    order, and so the shape of the picture, is kept).
+    """
+    p_JL = np.asarray(dist.p_JL)
+    n_rows, n_layers = p_JL.shape if p_JL.ndim == 2 else (0, 0)
+    fig, ax = _new_figure(5, 6)
+    if n_rows == 0:
+        ax.text(0.5, 0.5, "no active latents", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        if n_rows > max_latents:
+            p_JL = p_JL[np.linspace(0, n_rows - 1, max_latents).round().astype(int)]
+        image = ax.imshow(p_JL, aspect="auto", interpolation="nearest", cmap="viridis",
+                          vmin=0.0, vmax=1.0, extent=(-0.5, n_layers - 0.5, n_rows, 0))
+        ax.set_xticks(range(n_layers))
+        ax.set(xlabel="layer l", ylabel=f"latent (sorted by expected layer; {n_rows:,} latents)")
+        fig.colorbar(image, ax=ax, label="p_j(l)")
+    ax.set_title(title, fontsize="medium")
+    return _save(fig, path)
+
+
+def plot_expected_layer_histogram(expected_layer_J: np.ndarray, n_layers: int,
+                                  path: str | os.PathLike, title: str = "Expected layer of latents") -> Path:
+    """Histogram of E_j over latents (bins of width 1/4 layer)."""
+    values = np.asarray(expected_layer_J, dtype=np.float64)
+    fig, ax = _new_figure()
+    bins = np.linspace(0, max(n_layers - 1, 1), 4 * max(n_layers - 1, 1) + 1)
+    ax.hist(values, bins=bins, color="tab:blue", edgecolor="white")
+    ax.set(xlabel="expected layer E_j", ylabel="latents", title=title)
+    ax.set_xticks(range(n_layers))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_layer_std_by_config(labels: Sequence[str], mean_std: Sequence[float], std_std: Sequence[float],
+                             path: str | os.PathLike, relative: bool = False) -> Path:
+    """Mean (bar) and std (error bar) over latents of the layer std, one bar per (model, R, k, lens)."""
+    if not (len(labels) == len(mean_std) == len(std_std)):
+        raise ValueError("labels, mean_std and std_std must have the same length")
+    fig, ax = _new_figure(max(4.0, 1.0 + 0.8 * len(labels)), 4)
+    x = np.arange(len(labels))
+    ax.bar(x, mean_std, yerr=std_std, capsize=4, color="tab:orange")
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize="small")
+    ax.set(ylabel="relative layer std (std / L)" if relative else "layer std (layers)",
+           title="Spread of latents over layers, by config")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_metrics_vs_baselines(layers: Sequence[int], mlsae: dict[str, Sequence[float]],
+                              baselines: dict[str, Sequence[float]] | None,
+                              path: str | os.PathLike, label: str = "MLSAE") -> Path:
+    """Per-layer FVU and delta CE of the MLSAE beside single-layer SAEs (one per layer).
+
+    `mlsae` and `baselines` map a metric name ("fvu", "delta_ce") to one value per
+    entry of `layers`; a missing baseline value is NaN (drawn as a gap).
+    """
+    metrics = [m for m in ("fvu", "delta_ce") if m in mlsae]
+    if not metrics:
+        raise ValueError("mlsae must hold 'fvu' and/or 'delta_ce' per layer")
+    fig, axes = _new_figure(5 * len(metrics), 4, ncols=len(metrics))
+    axes = np.atleast_1d(axes)
+    x = np.asarray(layers)
+    width = 0.4 if baselines else 0.8
+    for ax, metric in zip(axes, metrics, strict=True):
+        ax.bar(x - (width / 2 if baselines else 0), mlsae[metric], width, label=label)
+        if baselines and metric in baselines:
+            ax.bar(x + width / 2, np.asarray(baselines[metric], dtype=float), width,
+                   label="single-layer SAE")
+        ax.set_xticks(x)
+        ax.set(xlabel="layer", ylabel={"fvu": "FVU", "delta_ce": "delta CE (nats)"}[metric],
+               title={"fvu": "Reconstruction (FVU)", "delta_ce": "Downstream loss (delta CE)"}[metric])
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_mmcs(labels: Sequence[str], values: Sequence[float], path: str | os.PathLike,
+              title: str = "Mean max cosine similarity of decoder directions") -> Path:
+    """One bar per comparison, e.g. "MLSAE (within)", "MLSAE vs layer-2 SAE"."""
+    if len(labels) != len(values):
+        raise ValueError("labels and values must have the same length")
+    fig, ax = _new_figure(max(4.0, 1.0 + 0.9 * len(labels)), 4)
+    x = np.arange(len(labels))
+    ax.bar(x, values, color="tab:green")
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize="small")
+    ax.set(ylabel="MMCS", ylim=(0, 1), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
