@@ -1,0 +1,162 @@
+"""Residual-stream access through forward hooks on the model's own block modules.
+
+x[l] is the OUTPUT of block l (SPEC 1), before any final norm; the embedding
+output is not a layer. The same hooks serve GPT-NeoX (Pythia), GPT-2,
+Llama-style models and, through a fallback search, most other decoder stacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+# Where well-known architectures keep their blocks (attribute path from the LM wrapper).
+_BLOCK_PATHS = ("gpt_neox.layers", "transformer.h", "model.layers", "layers", "h",
+                "model.decoder.layers", "transformer.blocks", "transformer.layers")
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook so blocks after it are never computed."""
+
+
+def _get_attr_path(obj: object, path: str) -> object | None:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks, in order."""
+    for path in _BLOCK_PATHS:
+        blocks = _get_attr_path(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    # Fallback: the ModuleList whose length is the configured depth, else the longest one.
+    lists = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    exact = [m for m in lists if len(m) == depth]
+    if exact:
+        return exact[0]
+    if lists:
+        return max(lists, key=len)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: "
+                     f"expected a ModuleList at one of {', '.join(_BLOCK_PATHS)}")
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(get_blocks(model))
+
+
+def d_model(model: nn.Module) -> int:
+    config = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"cannot read the residual width from {type(config).__name__}")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model accepts, when its config says (None: unknown)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Raise ValueError naming the fix when `seq_len` exceeds the model's maximum positions."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} is above this model's maximum of {limit} positions: "
+                         f"use --seq-len {limit} or less")
+
+
+def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """Validate block indices (None = all blocks) and return them as a list."""
+    n = n_layers(model)
+    if layers is None:
+        return list(range(n))
+    layers = [int(layer) for layer in layers]
+    if not layers:
+        raise ValueError(f"layers is empty: give block indices in 0..{n - 1}, or None for all")
+    bad = [layer for layer in layers if not 0 <= layer < n]
+    if bad:
+        raise ValueError(f"layer {bad[0]} is out of range: this model has {n} blocks, "
+                         f"valid layers are 0..{n - 1}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {layers} has duplicates: list each block index once")
+    return layers
+
+
+def _hidden(output: object) -> Tensor:
+    """A block's output hidden state: the tensor itself, or the first element of a tuple."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def capture_residuals(model: nn.Module, input_ids_BT: Tensor,
+                      layers: Sequence[int] | None = None) -> Tensor:
+    """Block outputs [B, T, len(layers), D] for `layers` (in the order given; None = all).
+
+    The forward pass stops right after the deepest requested block: later
+    blocks, the final norm and the unembedding are never computed.
+    """
+    layers = check_layers(model, layers)
+    blocks = get_blocks(model)
+    last = max(layers)
+    captured: dict[int, Tensor] = {}
+
+    def make_hook(layer: int) -> Callable:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            captured[layer] = _hidden(output)
+            if layer == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in set(layers)]
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids_BT.to(_device(model)), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[layer] for layer in layers], dim=2)
+
+
+def splice_forward(model: nn.Module, input_ids_BT: Tensor, layer: int,
+                   replace: Callable[[Tensor], Tensor]) -> Tensor:
+    """Logits [B, T, V] with block `layer`'s output hidden state replaced by `replace(h_BTD)`.
+
+    An identity `replace` gives exactly the clean logits (the same tensor flows on).
+    """
+    (layer,) = check_layers(model, [layer])
+
+    def hook(_module: nn.Module, _args: object, output: object) -> object:
+        h_BTD = _hidden(output)
+        new_BTD = replace(h_BTD)
+        if new_BTD.shape != h_BTD.shape:
+            raise ValueError(f"replace returned shape {tuple(new_BTD.shape)} for block {layer}; "
+                             f"it must return the block output's shape {tuple(h_BTD.shape)}")
+        new_BTD = new_BTD.to(h_BTD.dtype)
+        if isinstance(output, tuple):
+            return (new_BTD, *output[1:])
+        return new_BTD
+
+    handle = get_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            return model(input_ids=input_ids_BT.to(_device(model)), use_cache=False).logits
+    finally:
+        handle.remove()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
