@@ -19,7 +19,7 @@ def main() -> None:
 
 
 # Registered commands (one line each; keep sorted).
-_COMMANDS: list[str] = []
+_COMMANDS: list[str] = ["extract"]
 
 
 def _register() -> None:
