@@ -1,0 +1,148 @@
+"""Polars LazyFrame versions of the headline views (latent_layers, latent_stats,
+variance_summary), over the same Parquet files.
+
+sql/ stays the single source of truth; these mirror it step for step (same helper
+stages, same formulas) for people who prefer dataframes, and tests cross-check the
+two. Collect with `.collect(engine="streaming")` for bounded memory on big tables.
+
+    from mlsae import analysis_polars as ap
+    ap.variance_summary("mlsae-data").collect()
+"""
+
+from __future__ import annotations
+
+import os
+
+import polars as pl
+
+from mlsae import warehouse as wh
+
+
+def scan_table(warehouse_dir: str | os.PathLike, table: str) -> pl.LazyFrame:
+    """A LazyFrame over one warehouse table (files checked like connect() does);
+    sae_id is a plain String column."""
+    files = wh.table_files(warehouse_dir, table)
+    if not files:
+        frame = pl.from_arrow(wh.TABLE_SPECS[table].schema.empty_table()).lazy()
+    else:
+        frame = pl.scan_parquet([str(f) for f in files], hive_partitioning=False)
+    return frame.with_columns(pl.col("sae_id").cast(pl.String))
+
+
+def sae_layers(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
+    """sql/sae_layers.sql: sae_id, layer (block), layer_idx (0..L-1), n_layers."""
+    return (
+        scan_table(warehouse_dir, "saes")
+        .select(
+            "sae_id",
+            pl.col("layers").alias("layer"),
+            pl.int_ranges(0, pl.col("layers").list.len(), dtype=pl.Int16).alias("layer_idx"),
+            pl.col("layers").list.len().alias("n_layers"),
+        )
+        .explode("layer", "layer_idx")
+    )
+
+
+def _active(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
+    return scan_table(warehouse_dir, "latents").filter(pl.col("value") > 0)
+
+
+def latent_layers(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
+    """sql/latent_layers.sql: sae_id, latent, layer, layer_idx, count, mass, p."""
+    per_layer = _active(warehouse_dir).group_by("sae_id", "latent", "layer").agg(
+        count=pl.len(), mass=pl.col("value").cast(pl.Float64).sum())
+    return (
+        per_layer.join(sae_layers(warehouse_dir).select("sae_id", "layer", "layer_idx"),
+                       on=["sae_id", "layer"])
+        .with_columns(p=pl.col("mass") / pl.col("mass").sum().over("sae_id", "latent"))
+        .select("sae_id", "latent", "layer", "layer_idx", "count", "mass", "p")
+    )
+
+
+def latent_seq_moments(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
+    """sql/latent_seq_moments.sql: per (sae, seq, latent) count, n_tokens, mass, s1, s2,
+    token_mv, prompt_mv, sum_e, sum_e2, sum_v."""
+    a = pl.col("value").cast(pl.Float64)
+    i = pl.col("layer_idx").cast(pl.Float64)
+    per_token = (
+        _active(warehouse_dir)
+        .join(sae_layers(warehouse_dir).select("sae_id", "layer", "layer_idx"),
+              on=["sae_id", "layer"])
+        .group_by("sae_id", "seq_id", "pos", "latent")
+        .agg(count=pl.len(), m=a.sum(), s1=(a * i).sum(), s2=(a * i * i).sum(),
+             lo=i.min(), hi=i.max())
+        .with_columns(mv=pl.when(pl.col("lo") == pl.col("hi")).then(0.0).otherwise(
+            (pl.col("s2") - pl.col("s1") ** 2 / pl.col("m")).clip(lower_bound=0.0)))
+    )
+    m, s1, s2 = pl.col("m"), pl.col("s1"), pl.col("s2")
+    return (
+        per_token.group_by("sae_id", "seq_id", "latent")
+        .agg(count=pl.col("count").sum(), n_tokens=pl.len(), mass=m.sum(), s1=s1.sum(),
+             s2=s2.sum(), token_mv=pl.col("mv").sum(),
+             prompt_mv=pl.when(pl.col("lo").min() == pl.col("hi").max()).then(0.0).otherwise(
+                 (s2.sum() - s1.sum() ** 2 / m.sum()).clip(lower_bound=0.0)),
+             sum_e=(s1 / m).sum(), sum_e2=(s2 / m).sum(), sum_v=(pl.col("mv") / m).sum())
+    )
+
+
+def latent_stats(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
+    """sql/latent_stats.sql: sae_id, latent, count, mass, n_layers_active, expected_layer,
+    layer_var, layer_std, relative_std, token_var, prompt_var."""
+    dist = latent_layers(warehouse_dir).with_columns(
+        e=(pl.col("p") * pl.col("layer_idx")).sum().over("sae_id", "latent"))
+    over_layers = dist.group_by("sae_id", "latent").agg(
+        count=pl.col("count").sum(), mass=pl.col("mass").sum(), n_layers_active=pl.len(),
+        expected_layer=pl.col("e").first(),
+        layer_var=(pl.col("p") * (pl.col("layer_idx") - pl.col("e")) ** 2).sum())
+    within = latent_seq_moments(warehouse_dir).group_by("sae_id", "latent").agg(
+        token_var=pl.col("token_mv").sum() / pl.col("mass").sum(),
+        prompt_var=pl.col("prompt_mv").sum() / pl.col("mass").sum())
+    n_layers = scan_table(warehouse_dir, "saes").select(
+        "sae_id", n_layers=pl.col("layers").list.len())
+    return (
+        over_layers.join(within, on=["sae_id", "latent"]).join(n_layers, on="sae_id")
+        .with_columns(layer_std=pl.col("layer_var").sqrt())
+        .with_columns(relative_std=pl.col("layer_std") / pl.col("n_layers"))
+        .select("sae_id", "latent", "count", "mass", "n_layers_active", "expected_layer",
+                "layer_var", "layer_std", "relative_std", "token_var", "prompt_var")
+    )
+
+
+def variance_summary(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
+    """sql/variance_summary.sql: one row per SAE (see there for the columns)."""
+    live = latent_stats(warehouse_dir).group_by("sae_id").agg(
+        n_live=pl.len(), mean_layer_var=pl.col("layer_var").mean(),
+        mean_prompt_var=pl.col("prompt_var").mean(), mean_token_var=pl.col("token_var").mean(),
+        mean_layer_std=pl.col("layer_std").mean(),
+        std_layer_std=pl.col("layer_std").std(ddof=0),
+        mean_relative_std=pl.col("relative_std").mean())
+    seq_len = scan_table(warehouse_dir, "tokens").group_by("sae_id", "seq_id").agg(t=pl.len())
+    per_seq = (
+        latent_seq_moments(warehouse_dir).join(seq_len, on=["sae_id", "seq_id"])
+        .group_by("sae_id", "seq_id")
+        .agg(a_sum_t=(pl.col("sum_e2") - pl.col("sum_e") ** 2 / pl.col("t")).sum(),
+             b_sum_t=pl.col("sum_v").sum())
+    )
+    saes = scan_table(warehouse_dir, "saes").select("sae_id", "n_latents")
+    a_sum = pl.col("a_sum_t").fill_null(0.0)
+    b_sum = pl.col("b_sum_t").fill_null(0.0)
+    scale = pl.col("t") * pl.col("n_latents")
+    ref = (
+        seq_len.join(per_seq, on=["sae_id", "seq_id"], how="left").join(saes, on="sae_id")
+        .group_by("sae_id")
+        .agg(ref_n_sequences=pl.len(), ref_var_aggregated=(a_sum / scale).mean(),
+             ref_var_token=(b_sum / scale).mean(),
+             ref_rel_var=(b_sum / pl.when(a_sum != 0).then(a_sum)).mean())
+    )
+    return (
+        saes.join(live, on="sae_id", how="left").join(ref, on="sae_id", how="left")
+        .with_columns(
+            n_live=pl.col("n_live").fill_null(0),
+            ref_n_sequences=pl.col("ref_n_sequences").fill_null(0),
+            ratio_token=pl.col("mean_layer_var") / pl.col("mean_token_var"),
+            ratio_prompt=pl.col("mean_layer_var") / pl.col("mean_prompt_var"))
+        .select("sae_id", "n_latents", "n_live", "mean_layer_var", "mean_prompt_var",
+                "mean_token_var", "ratio_token", "ratio_prompt", "mean_layer_std",
+                "std_layer_std", "mean_relative_std", "ref_n_sequences",
+                "ref_var_aggregated", "ref_var_token", "ref_rel_var")
+    )

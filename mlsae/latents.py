@@ -1,0 +1,477 @@
+"""Log a trained MLSAE's latent activations on held-out text to the warehouse.
+
+`log_latents` runs the model and the SAE over the test split and writes, for one
+sae_id, the `latents` rows (every positive post-ReLU activation of every unmasked
+token at every layer), the `tokens` rows and the `saes` row. It streams: memory is
+bounded by one batch plus one row group whatever the token count.
+
+Resumable: the sequences are cut into fixed parts; part i is written as
+tokens/.../part-i.parquet then latents/.../part-i.parquet, each atomically, and a
+part counts as done when both exist. A killed run redoes only the unfinished part
+(no duplicate or missing rows); a rerun of a finished run touches nothing. The
+settings are pinned in latents/sae_id=<id>/_log.json so a rerun with different
+data or a different SAE fails instead of mixing rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from mlsae import warehouse as wh
+from mlsae.progress import Progress
+
+MANIFEST_NAME = "_log.json"
+LOCK_NAME = ".lock"
+
+# encode(tokens_BT, mask_BT) -> (top_acts_NLK, top_idx_NLK) for the N unmasked tokens
+# of the batch in row-major (b, t) order; L = the SAE's layers; acts post-ReLU.
+Encoder = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class LatentLogConfig:
+    """How latents are logged (the data and the SAE are arguments of log_latents)."""
+
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    sequences_per_part: int | None = None
+    """Sequences per part file (the unit of resumption); None = about `part_rows` rows."""
+    part_rows: int = 4_000_000
+    """Target rows per part file when sequences_per_part is None."""
+    value_mantissa_bits: int = 10
+    """Mantissa bits kept in stored values: 10 = float16 precision in float32's range
+    (~2 bytes/value instead of ~3.4); 23 = exact float32."""
+    act_threshold: float = 1e-3
+    """The firing threshold (SPEC 2): rounding never moves a value across it."""
+    device: str = "auto"
+    """Where the model and SAE run ("auto" = CUDA if available)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sequences_per_part is not None and self.sequences_per_part < 1:
+            raise ValueError(f"sequences_per_part must be >= 1 or None, got {self.sequences_per_part}")
+        if self.part_rows < 1:
+            raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
+        if not 0 <= self.value_mantissa_bits <= 23:
+            raise ValueError(f"value_mantissa_bits must be in 0..23 (23 = exact), got "
+                             f"{self.value_mantissa_bits}")
+        if self.act_threshold < 0:
+            raise ValueError(f"act_threshold must be >= 0, got {self.act_threshold}")
+
+
+class LogResult(NamedTuple):
+    sae_id: str
+    n_sequences: int
+    n_tokens: int
+    """Unmasked tokens logged."""
+    n_rows: int
+    """Rows in the latents table for this sae_id."""
+    n_parts: int
+    parts_written: int
+    """Parts written by this call (0 when the run was already complete)."""
+    bytes_latents: int
+    seconds: float
+
+
+# --------------------------------------------------------------------------- saes / layer_metrics
+
+@dataclass
+class SaeRecord:
+    """One row of the `saes` table."""
+
+    sae_id: str
+    model: str
+    d_model: int
+    n_latents: int
+    expansion_factor: int
+    k: int
+    layers: list[int]
+    """Model block indices the SAE reads; the analyses use their positions 0..L-1."""
+    lens: str | None = None
+    train_tokens: int | None = None
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    created_at: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        wh.check_sae_id(self.sae_id)
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be a non-empty list of distinct block indices, "
+                             f"got {self.layers}")
+        if self.n_latents < 1 or self.k < 1 or self.d_model < 1:
+            raise ValueError("d_model, n_latents and k must be positive")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def to_arrow(self) -> pa.Table:
+        created = self.created_at or dt.datetime.now(dt.UTC)
+        row = {
+            "sae_id": [self.sae_id], "model": [self.model], "n_layers": [self.n_layers],
+            "d_model": [self.d_model], "n_latents": [self.n_latents],
+            "expansion_factor": [self.expansion_factor], "k": [self.k],
+            "layers": [list(self.layers)], "lens": [self.lens],
+            "train_tokens": [self.train_tokens],
+            "config": [json.dumps(dict(self.config), sort_keys=True, default=str)],
+            "created_at": [created],
+        }
+        return pa.table(row, schema=wh.TABLE_SPECS["saes"].schema)
+
+
+def write_sae_record(warehouse_dir: str | os.PathLike, record: SaeRecord,
+                     overwrite: bool = False) -> Path:
+    """Write saes/sae_id=<id>/saes.parquet (atomically). Keeps an existing one unless overwrite."""
+    path = wh.partition_dir(warehouse_dir, "saes", record.sae_id) / "saes.parquet"
+    if path.exists() and not overwrite:
+        return path
+    return wh.write_table_atomic("saes", record.to_arrow(), path)
+
+
+LAYER_METRIC_COLUMNS = ("fvu", "mse", "l0", "dead_fraction", "delta_ce", "kl")
+
+
+def write_layer_metrics(warehouse_dir: str | os.PathLike, sae_id: str,
+                        metrics: Sequence[Any]) -> Path:
+    """Write layer_metrics/sae_id=<id>/layer_metrics.parquet (atomically, replacing it).
+
+    `metrics`: one item per layer, a mapping or an object with attributes `layer`
+    (model block index) and fvu, mse, l0, dead_fraction, delta_ce, kl (missing = null).
+    """
+    def get(item: Any, name: str) -> Any:
+        value = item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
+        return None if value is None else float(value) if name != "layer" else int(value)
+
+    columns: dict[str, list] = {"sae_id": [], "layer": []}
+    columns.update({name: [] for name in LAYER_METRIC_COLUMNS})
+    for item in sorted(metrics, key=lambda m: get(m, "layer")):
+        columns["sae_id"].append(wh.check_sae_id(sae_id))
+        for name in ("layer", *LAYER_METRIC_COLUMNS):
+            columns[name].append(get(item, name))
+    table = pa.table(columns, schema=wh.TABLE_SPECS["layer_metrics"].schema)
+    path = wh.partition_dir(warehouse_dir, "layer_metrics", sae_id) / "layer_metrics.parquet"
+    wh.write_table_atomic("layer_metrics", table, path)
+    wh.write_setup_script(warehouse_dir)
+    return path
+
+
+# --------------------------------------------------------------------------- the resumable writer
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise wh.WarehouseError(
+                f"another process is logging into {directory}; wait for it to finish") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _parts_per(n_sequences: int, per_part: int) -> int:
+    return (n_sequences + per_part - 1) // per_part
+
+
+class _TokenText:
+    """token id -> text as the tokenizer decodes it alone (so contexts concatenate)."""
+
+    def __init__(self, decode: Callable[[int], str]):
+        self.decode, self.cache = decode, {}
+
+    def __call__(self, ids: np.ndarray) -> list[str]:
+        out = []
+        for i in ids.tolist():
+            text = self.cache.get(i)
+            if text is None:
+                text = self.cache[i] = self.decode(i)
+            out.append(text)
+        return out
+
+
+def write_latents(
+    warehouse_dir: str | os.PathLike,
+    record: SaeRecord,
+    tokens_BT: np.ndarray,
+    mask_BT: np.ndarray,
+    encode: Encoder,
+    decode_token: Callable[[int], str],
+    fingerprint: Mapping[str, Any],
+    config: LatentLogConfig | None = None,
+    progress_log: Callable[[str], None] | None = None,
+) -> LogResult:
+    """The resumable, streaming core of log_latents, independent of torch: `encode`
+    turns a batch of token ids into top-k activations (see Encoder).
+
+    seq_id = row index in tokens_BT; pos = column index; masked tokens (mask False)
+    get no tokens row and no latents rows. `fingerprint` pins what the rows depend on
+    (data, SAE, basis): a different one for an existing sae_id raises WarehouseError.
+    """
+    config = config or LatentLogConfig()
+    start = time.perf_counter()
+    sae_id = record.sae_id
+    tokens_BT = np.asarray(tokens_BT)
+    mask_BT = np.asarray(mask_BT, bool)
+    if tokens_BT.ndim != 2 or mask_BT.shape != tokens_BT.shape:
+        raise ValueError(f"tokens_BT and mask_BT must be the same 2-D shape, got "
+                         f"{tokens_BT.shape} and {mask_BT.shape}")
+    n_seq, seq_len = tokens_BT.shape
+    if seq_len > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"sequences of {seq_len} tokens do not fit the pos column (int16)")
+    if max(record.layers) > np.iinfo(np.int16).max:
+        raise ValueError("layer indices must fit int16")
+    rows_per_seq = max(1, seq_len * record.n_layers * record.k)
+    per_part = config.sequences_per_part or max(1, config.part_rows // rows_per_seq)
+    n_parts = _parts_per(n_seq, per_part)
+
+    latents_dir = wh.partition_dir(warehouse_dir, "latents", sae_id)
+    tokens_dir = wh.partition_dir(warehouse_dir, "tokens", sae_id)
+    manifest_path = latents_dir / MANIFEST_NAME
+    settings = {
+        "sae_id": sae_id, "fingerprint": dict(fingerprint), "n_sequences": int(n_seq),
+        "seq_len": int(seq_len), "sequences_per_part": int(per_part), "n_parts": int(n_parts),
+        "layers": list(record.layers), "value_mantissa_bits": config.value_mantissa_bits,
+        "act_threshold": config.act_threshold,
+    }
+    with _exclusive(latents_dir):
+        manifest = _read_manifest(manifest_path)
+        if manifest is not None:
+            pinned = {k: manifest.get(k) for k in settings}
+            if _normalised(pinned) != _normalised(settings):
+                raise wh.WarehouseError(
+                    f"sae_id {sae_id!r} was already logged with other settings "
+                    f"({manifest_path}): {_diff(pinned, settings)}. Use a new sae_id, or delete "
+                    f"{latents_dir} and {tokens_dir} to log it again")
+            if manifest.get("complete"):
+                return LogResult(sae_id, n_seq, manifest["n_tokens"], manifest["n_rows"],
+                                 n_parts, 0, manifest["bytes_latents"],
+                                 time.perf_counter() - start)
+        else:
+            _write_manifest(manifest_path, {**settings, "complete": False})
+        for directory in (latents_dir, tokens_dir):
+            wh.remove_stale_temp_files(directory)
+        write_sae_record(warehouse_dir, record)
+
+        text = _TokenText(decode_token)
+        progress = Progress(f"log latents {sae_id}", total=float(mask_BT.sum()), unit="tokens",
+                            log=progress_log)
+        written = 0
+        for part in range(n_parts):
+            lo, hi = part * per_part, min(n_seq, (part + 1) * per_part)
+            latents_path = wh.part_path(warehouse_dir, "latents", sae_id, part)
+            tokens_path = wh.part_path(warehouse_dir, "tokens", sae_id, part)
+            if latents_path.exists() and tokens_path.exists():
+                progress.update(float(mask_BT[lo:hi].sum()), part=f"{part + 1}/{n_parts} done")
+                continue
+            _write_tokens_part(tokens_path, sae_id, tokens_BT, mask_BT, lo, hi, text)
+            _write_latents_part(latents_path, record, tokens_BT, mask_BT, lo, hi, encode,
+                                config, progress, f"{part + 1}/{n_parts}")
+            written += 1
+        progress.close()
+
+        n_rows, n_bytes = 0, 0
+        for path in wh.table_files(warehouse_dir, "latents"):
+            if path.parent == latents_dir:
+                n_rows += _num_rows(path)
+                n_bytes += path.stat().st_size
+        n_tokens = int(mask_BT.sum())
+        _write_manifest(manifest_path, {**settings, "complete": True, "n_tokens": n_tokens,
+                                        "n_rows": n_rows, "bytes_latents": n_bytes})
+        wh.write_setup_script(warehouse_dir)
+    return LogResult(sae_id, n_seq, n_tokens, n_rows, n_parts, written, n_bytes,
+                     time.perf_counter() - start)
+
+
+def _num_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
+def _normalised(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def _diff(old: Mapping, new: Mapping) -> str:
+    keys = [k for k in new if json.dumps(old.get(k), default=str) != json.dumps(new[k], default=str)]
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys) or "unknown"
+
+
+def _read_manifest(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise wh.WarehouseError(f"{path}: unreadable logging manifest ({e}); delete it and "
+                                "the part files beside it to log again") from e
+
+
+def _write_manifest(path: Path, content: Mapping) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(content, indent=1, sort_keys=True, default=str))
+    os.replace(temp, path)
+
+
+def _write_tokens_part(path: Path, sae_id: str, tokens_BT: np.ndarray, mask_BT: np.ndarray,
+                       lo: int, hi: int, text: _TokenText) -> None:
+    b, t = np.nonzero(mask_BT[lo:hi])
+    ids = tokens_BT[lo:hi][b, t]
+    rows = wh.token_rows(sae_id, b + lo, t, ids, text(ids))
+    wh.write_table_atomic("tokens", rows, path)
+
+
+def _write_latents_part(path: Path, record: SaeRecord, tokens_BT: np.ndarray,
+                        mask_BT: np.ndarray, lo: int, hi: int, encode: Encoder,
+                        config: LatentLogConfig, progress: Progress, label: str) -> None:
+    layers_L = np.asarray(record.layers, np.int16)
+    buffered: list[pa.Table] = []
+    n_buffered = 0
+    with wh.AtomicParquetWriter(path, "latents") as writer:
+        for b0 in range(lo, hi, config.batch_size):
+            b1 = min(hi, b0 + config.batch_size)
+            mask = mask_BT[b0:b1]
+            if not mask.any():
+                continue
+            acts_NLK, idx_NLK = encode(tokens_BT[b0:b1], mask)
+            rows = latent_batch_rows(record.sae_id, b0, mask, layers_L, acts_NLK, idx_NLK,
+                                     config)
+            buffered.append(rows)
+            n_buffered += rows.num_rows
+            if n_buffered >= wh.ROW_GROUP_ROWS:  # ~1M-row row groups, bounded memory
+                writer.write(pa.concat_tables(buffered))
+                buffered, n_buffered = [], 0
+            progress.update(float(mask.sum()), part=label, rows=writer.rows + n_buffered)
+        if buffered or writer.rows == 0:
+            writer.write(pa.concat_tables(buffered) if buffered else
+                         wh.TABLE_SPECS["latents"].schema.empty_table())
+
+
+def latent_batch_rows(sae_id: str, seq_offset: int, mask_BT: np.ndarray, layers_L: np.ndarray,
+                      acts_NLK: np.ndarray, idx_NLK: np.ndarray,
+                      config: LatentLogConfig) -> pa.Table:
+    """Rows for one batch, sorted by (seq_id, pos, layer, latent); non-positive values dropped."""
+    acts_NLK = np.asarray(acts_NLK, np.float32)
+    idx_NLK = np.asarray(idx_NLK)
+    n_tok = int(mask_BT.sum())
+    if acts_NLK.shape != idx_NLK.shape or acts_NLK.shape[:2] != (n_tok, len(layers_L)):
+        raise ValueError(f"encoder returned {acts_NLK.shape} / {idx_NLK.shape}, expected "
+                         f"[{n_tok} unmasked tokens, {len(layers_L)} layers, k]")
+    if not np.isfinite(acts_NLK).all():
+        raise ValueError("the SAE produced non-finite activations; check the model and SAE dtype")
+    order = np.argsort(idx_NLK, axis=-1, kind="stable")
+    idx_NLK = np.take_along_axis(idx_NLK, order, -1)
+    acts_NLK = np.take_along_axis(acts_NLK, order, -1)
+    n, n_layers, k = acts_NLK.shape
+    b, t = np.nonzero(mask_BT)  # row-major: the encoder's token order
+    keep = (acts_NLK > 0).ravel()
+    seq_id = np.repeat((b + seq_offset).astype(np.int32), n_layers * k)[keep]
+    pos = np.repeat(t.astype(np.int16), n_layers * k)[keep]
+    layer = np.broadcast_to(np.repeat(layers_L, k), (n, n_layers * k)).ravel()[keep]
+    values = wh.quantize_values(acts_NLK.ravel()[keep], config.value_mantissa_bits,
+                                config.act_threshold)
+    return wh.latent_rows(sae_id, seq_id, pos, layer, idx_NLK.ravel()[keep], values)
+
+
+# --------------------------------------------------------------------------- with a real SAE
+
+def _sae_fingerprint(sae_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in sae_dir.iterdir() if p.is_file()):
+        stat = (sae_dir / name).stat()
+        digest.update(f"{name}:{stat.st_size}".encode())
+    config = sae_dir / "config.json"
+    if config.exists():
+        digest.update(config.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def sae_record_from_config(sae_id: str, sae_config: Any, model_name: str,
+                           train_tokens: int | None = None) -> SaeRecord:
+    """A saes row from an SAEConfig (mlsae.sae.config)."""
+    cfg = dataclasses.asdict(sae_config) if dataclasses.is_dataclass(sae_config) else dict(
+        vars(sae_config))
+    d_model = int(cfg["d_model"])
+    expansion = int(cfg.get("expansion_factor") or 0)
+    n_latents = int(cfg.get("n_latents") or d_model * expansion)
+    layers = cfg.get("layers")
+    if layers is None:
+        layers = list(range(int(cfg["n_layers"])))
+    return SaeRecord(
+        sae_id=sae_id, model=str(cfg.get("model") or model_name), d_model=d_model,
+        n_latents=n_latents, expansion_factor=expansion or n_latents // d_model,
+        k=int(cfg["k"]), layers=[int(x) for x in layers], lens=cfg.get("lens"),
+        train_tokens=train_tokens, config=cfg)
+
+
+def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
+                warehouse_dir: str | os.PathLike, sae_id: str, basis: Any = None,
+                config: LatentLogConfig | None = None, train_tokens: int | None = None,
+                progress_log: Callable[[str], None] | None = None) -> LogResult:
+    """Log the latents of the SAE saved in `sae_dir` on `data` (a DataConfig, normally
+    split="test") run through `loaded` (LoadedModel), into `warehouse_dir` as `sae_id`.
+
+    basis: a ResidualBasis (tuned lens) the SAE was trained in; None = identity.
+    Resumable and atomic (see the module docstring); returns a LogResult.
+    """
+    import torch
+
+    from mlsae.data import load_sequences, special_token_mask
+    from mlsae.hooks import capture_residuals
+    from mlsae.models import resolve_device
+    from mlsae.sae import MLSAE
+
+    config = config or LatentLogConfig()
+    sae_dir = Path(sae_dir)
+    device = resolve_device(config.device)
+    sae = MLSAE.from_pretrained(sae_dir).to(device).eval()
+    record = sae_record_from_config(sae_id, sae.cfg, loaded.name, train_tokens)
+    model = loaded.model.to(device).eval()
+    sequences = load_sequences(data, loaded.tokenizer)
+    tokens_BT = np.asarray(sequences.tokens_BT)
+    mask_BT = np.asarray(special_token_mask(tokens_BT, loaded.tokenizer), bool)
+    layers = list(record.layers)
+    sae_dtype = next(sae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(batch_BT: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = torch.as_tensor(batch_BT, dtype=torch.long, device=device)
+        x_BTLD = capture_residuals(model, ids, layers)
+        x_NLD = x_BTLD[torch.as_tensor(mask, device=x_BTLD.device)]
+        n, n_layers, d = x_NLD.shape
+        x_ND = x_NLD.reshape(n * n_layers, d)
+        if basis is not None:
+            layer_N = torch.tensor(layers, device=x_ND.device).repeat(n)
+            x_ND = basis.to_sae(x_ND, layer_N)
+        out = sae.encode(x_ND.to(sae_dtype))
+        acts = out.top_acts_NK.float().reshape(n, n_layers, -1)
+        idx = out.top_idx_NK.reshape(n, n_layers, -1)
+        return acts.cpu().numpy(), idx.cpu().numpy()
+
+    def decode(token_id: int) -> str:
+        return loaded.tokenizer.decode([token_id])
+
+    fingerprint = {
+        "data": dataclasses.asdict(data) if dataclasses.is_dataclass(data) else repr(data),
+        "model": loaded.name, "sae": _sae_fingerprint(sae_dir),
+        "basis": None if basis is None else type(basis).__name__,
+    }
+    return write_latents(warehouse_dir, record, tokens_BT, mask_BT, encode, decode,
+                         fingerprint, config, progress_log)
