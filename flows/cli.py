@@ -19,7 +19,7 @@ def main() -> None:
 
 
 # Registered commands (one line each; keep sorted).
-_COMMANDS: list[str] = ["extract"]
+_COMMANDS: list[str] = ["deploy", "extract", "run", "sweep"]
 
 
 def _register() -> None:

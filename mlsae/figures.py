@@ -125,6 +125,76 @@ def layer_distribution(latent: Sequence[int], layer: Sequence[int], mass: Sequen
     return LayerDistribution(latent_J=ids[order], p_JL=p_JL[order], expected_layer_J=expected_J[order])
 
 
+# -- data for the figures that do not come from the warehouse ----------------------------
+
+
+def residual_sample(cache, max_tokens: int = 4096) -> np.ndarray:
+    """Up to `max_tokens` unmasked token positions of an ActivationCache as float32 [N, L, D]
+    (the first shards: extraction order is already a shuffled mix of documents)."""
+    parts, n = [], 0
+    for shard in cache.iter_shards():
+        acts_NLD = np.asarray(shard.acts_BTLD[np.asarray(shard.mask_BT)], dtype=np.float32)
+        parts.append(acts_NLD[: max_tokens - n])
+        n += len(parts[-1])
+        if n >= max_tokens:
+            break
+    if not parts:
+        raise ValueError("the activation cache holds no tokens")
+    return np.concatenate(parts)
+
+
+class PromptActivations(NamedTuple):
+    tokens: list[str]
+    layer_idx: np.ndarray
+    """Position of the layer in the SAE's layers (0..L-1), one entry per positive activation."""
+    latent: np.ndarray
+    value: np.ndarray
+
+
+def prompt_activations(sae, loaded, text: str = FIG3_PROMPT, basis=None) -> PromptActivations:
+    """Every positive latent activation of `sae` on the unmasked tokens of one prompt
+    (SPEC Fig. 3), computed like the latent tables: block outputs -> basis -> encode."""
+    import torch
+
+    from mlsae.data import special_token_mask
+    from mlsae.hooks import capture_residuals
+
+    layers = list(sae.cfg.layers) if getattr(sae.cfg, "layers", None) is not None else list(
+        range(sae.cfg.n_layers))
+    ids_T = np.asarray(loaded.tokenizer(text)["input_ids"], dtype=np.int64)
+    mask_T = np.asarray(special_token_mask(ids_T[None], loaded.tokenizer), bool)[0]
+    device = next(loaded.model.parameters()).device
+    sae_param = next(sae.parameters())
+    with torch.no_grad():
+        x_BTLD = capture_residuals(loaded.model, torch.as_tensor(ids_T[None], device=device), layers)
+        x_NLD = x_BTLD[0][torch.as_tensor(mask_T, device=x_BTLD.device)]
+        n, n_layers, d = x_NLD.shape
+        x_ND = x_NLD.reshape(n * n_layers, d)
+        if basis is not None:
+            x_ND = basis.to_sae(x_ND, torch.tensor(layers, device=x_ND.device).repeat(n))
+        encoded = sae.encode(x_ND.to(sae_param.device, sae_param.dtype))
+    acts_NLK = encoded.top_acts_NK.float().reshape(n, n_layers, -1).cpu().numpy()
+    idx_NLK = encoded.top_idx_NK.reshape(n, n_layers, -1).cpu().numpy()
+    keep = acts_NLK > 0
+    layer_NLK = np.broadcast_to(np.arange(n_layers)[None, :, None], acts_NLK.shape)
+    tokens = [loaded.tokenizer.decode([int(i)]) for i in ids_T[mask_T]]
+    return PromptActivations(tokens, layer_NLK[keep], idx_NLK[keep], acts_NLK[keep])
+
+
+def prompt_distribution(acts: PromptActivations, n_layers: int,
+                        threshold: float = 1e-3) -> LayerDistribution:
+    """p_sj(l) pooled over the prompt's tokens, latents whose max activation < threshold dropped."""
+    latent, value = np.asarray(acts.latent), np.asarray(acts.value)
+    if latent.size:
+        ids, inverse = np.unique(latent, return_inverse=True)
+        peak = np.zeros(ids.size)
+        np.maximum.at(peak, inverse, value)
+        keep = peak[inverse] >= threshold
+    else:
+        keep = np.zeros(0, bool)
+    return layer_distribution(latent[keep], np.asarray(acts.layer_idx)[keep], value[keep], n_layers)
+
+
 # -- drawing ------------------------------------------------------------------------------
 
 
@@ -178,11 +248,12 @@ def plot_residual_similarity(curves: dict[str, ResidualSimilarity], path: str | 
 
 
 def plot_layer_heatmap(dist: LayerDistribution, path: str | os.PathLike, title: str,
-                       max_latents: int = 4096) -> Path:
+                       max_latents: int = 4096, layer_labels: Sequence[int] | None = None) -> Path:
     """SPEC Fig. 2/3: p_j(l) as an image, one row per latent sorted by expected layer.
 
     With more than `max_latents` rows an evenly spaced subset is drawn (the sort
-    order, and so the shape of the picture, is kept).
+    order, and so the shape of the picture, is kept). `layer_labels` names the
+    columns (the model's block indices when the SAE reads a subset of blocks).
     """
     p_JL = np.asarray(dist.p_JL)
     n_rows, n_layers = p_JL.shape if p_JL.ndim == 2 else (0, 0)
@@ -195,7 +266,7 @@ def plot_layer_heatmap(dist: LayerDistribution, path: str | os.PathLike, title: 
             p_JL = p_JL[np.linspace(0, n_rows - 1, max_latents).round().astype(int)]
         image = ax.imshow(p_JL, aspect="auto", interpolation="nearest", cmap="viridis",
                           vmin=0.0, vmax=1.0, extent=(-0.5, n_layers - 0.5, n_rows, 0))
-        ax.set_xticks(range(n_layers))
+        ax.set_xticks(range(n_layers), [str(x) for x in (layer_labels or range(n_layers))])
         ax.set(xlabel="layer l", ylabel=f"latent (sorted by expected layer; {n_rows:,} latents)")
         fig.colorbar(image, ax=ax, label="p_j(l)")
     ax.set_title(title, fontsize="medium")

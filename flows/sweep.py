@@ -1,0 +1,154 @@
+"""The sweep flow: a grid of models x expansion factors x k x lens, run concurrently.
+
+Every model is validated before anything runs. Then one inner flow runs the
+whole grid with the task runner you pick:
+
+- "thread" (default, nothing to install): a thread pool in this process;
+- "dask": prefect-dask's DaskTaskRunner (`pip install -e .[dask]`), a local
+  cluster or the one at `runner_address`;
+- "ray": prefect-ray's RayTaskRunner (`pip install -e .[ray]`), local or remote.
+
+Each model's activations are extracted once and shared by its configs; GPU
+steps take a slot of the `mlsae-gpu` concurrency limit (one per GPU by
+default), so concurrent configs queue for a GPU instead of sharing its memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypedDict
+
+from prefect import flow
+
+from flows.pipeline import (
+    DEFAULT_EVAL_TOKENS,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_TRAIN_TOKENS,
+    PipelineResult,
+    bind_tasks,
+    resolve_out,
+    result_of,
+    submit_model,
+)
+from tasks.common import ensure_gpu_limit, run_logger
+from tasks.figures import draw_sweep_figures
+from tasks.validate import InvalidParameters, PipelinePlan, check_pipeline_parameters
+
+TASK_RUNNERS = ("thread", "dask", "ray")
+
+
+class SweepResult(TypedDict):
+    out: str
+    runs: list[PipelineResult]
+    figures: list[str]
+
+
+def make_task_runner(kind: str, max_workers: int, address: str | None = None):
+    """The task runner named `kind`; InvalidParameters naming the extra to install."""
+    if kind == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=max_workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as err:
+            raise InvalidParameters("task_runner 'dask' needs prefect-dask: "
+                                    "pip install -e '.[dask]'") from err
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": max_workers, "threads_per_worker": 1,
+                                              "processes": True})
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as err:
+            raise InvalidParameters("task_runner 'ray' needs prefect-ray: "
+                                    "pip install -e '.[ray]'") from err
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise InvalidParameters(f"unknown task_runner {kind!r}: use one of {', '.join(TASK_RUNNERS)}")
+
+
+@flow(name="mlsae-sweep-grid")
+def run_grid(plans: list[PipelinePlan], out: str, refresh: bool = False) -> SweepResult:
+    """Submit every model's task graph at once; the task runner decides what runs together."""
+    out_dir = Path(out)
+    steps = bind_tasks(out_dir, refresh)
+    submitted = [(plan, *submit_model(plan, out_dir, steps)) for plan in plans]
+    runs = [result_of(plan, out_dir, figures, analyses) for plan, figures, analyses in submitted]
+    sweep_figures = steps["draw-sweep-figures"].submit(
+        analyses=[a for _, _, analyses in submitted for a in analyses.values()],
+        plans=plans, out=out).result()
+    return SweepResult(out=out, runs=runs, figures=sweep_figures["figures"])
+
+
+@flow(name="mlsae-sweep", validate_parameters=True)
+def sweep(
+    models: list[str] = ["embedded"],  # noqa: B006 - Prefect parameters are never mutated
+    data: str = "embedded",
+    expansion_factors: list[int] = [2, 4],  # noqa: B006
+    ks: list[int] = [8, 16],  # noqa: B006
+    lenses: list[bool] = [False],  # noqa: B006
+    layers: list[int] | None = None,
+    baselines: bool = False,
+    train_tokens: int = DEFAULT_TRAIN_TOKENS,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+    device: str = "auto",
+    task_runner: str = "thread",
+    max_workers: int = 2,
+    runner_address: str | None = None,
+    gpu_slots: int | None = None,
+    out: str | None = None,
+    refresh: bool = False,
+) -> SweepResult:
+    """Run the pipeline over a grid, concurrently, into one warehouse.
+
+    Args:
+        models: models to sweep ("embedded", local directories, hub ids).
+        data: the text, as for the pipeline.
+        expansion_factors, ks, lenses: the grid (one MLSAE per combination and model).
+        layers: block indices (default all; must exist in every model).
+        baselines: also train single-layer SAEs per layer for every grid point.
+        task_runner: "thread" (default), "dask" or "ray".
+        max_workers: concurrent tasks (threads, or Dask workers).
+        runner_address: address of an existing Dask scheduler / Ray cluster.
+        gpu_slots: size of the `mlsae-gpu` limit (default: one per visible GPU).
+        out: the warehouse directory.
+        refresh: recompute every step even when cached.
+    """
+    out_dir = resolve_out(out)
+    plans: list[PipelinePlan] = []
+    problems: list[str] = []
+    for model in models:
+        try:
+            plans.append(check_pipeline_parameters(
+                model=model, data=data, expansion_factors=list(expansion_factors), ks=list(ks),
+                layers=layers, lens=list(lenses), baselines=baselines, train_tokens=train_tokens,
+                eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, device=device))
+        except InvalidParameters as err:
+            problems.append(f"{model}: {err}")
+    if max_workers < 1:
+        problems.append(f"max_workers must be >= 1, got {max_workers}")
+    try:
+        runner = make_task_runner(task_runner, max(1, max_workers), runner_address)
+    except InvalidParameters as err:
+        problems.append(str(err))
+    if problems:
+        raise InvalidParameters("invalid sweep parameters:\n" + "\n".join(problems))
+    slots = ensure_gpu_limit(gpu_slots)
+    n_saes = sum(len(p["specs"]) for p in plans)
+    run_logger().info("sweep: %d model(s), %d autoencoders, task runner %s (%d workers)%s",
+                      len(plans), n_saes, task_runner, max_workers,
+                      f", {slots} GPU slot(s)" if slots else "")
+    return run_grid.with_options(task_runner=runner)(plans=plans, out=str(out_dir),
+                                                     refresh=refresh)
+
+
+def grid_size(models: list[str], expansion_factors: list[int], ks: list[int],
+              lenses: list[bool]) -> int:
+    return len(models) * len(expansion_factors) * len(ks) * len(set(lenses))
+
+
+__all__: list[Any] = ["sweep", "make_task_runner", "grid_size"]

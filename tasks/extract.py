@@ -1,0 +1,60 @@
+"""Prefect task: the model's block outputs on the training text, into the activation cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypedDict
+
+from prefect import task
+
+from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, progress_log, run_logger
+
+
+class CacheManifest(TypedDict):
+    cache_dir: str
+    model: str
+    layers: list[int]
+    d_model: int
+    seq_len: int
+    n_sequences: int
+    n_tokens: int
+    """Unmasked (non-special) tokens: the training examples per layer."""
+    n_shards: int
+
+
+def extract_config(model: str, data: str, layers: list[int], train_tokens: int, seq_len: int,
+                   device: str):
+    """The ExtractConfig of the training activations (sequences = ceil(tokens / seq_len))."""
+    from mlsae.data import DataConfig
+    from mlsae.extract import ExtractConfig
+
+    return ExtractConfig(model=model, data=DataConfig(source=data, split="train", seq_len=seq_len),
+                         layers=layers, device=device,
+                         max_sequences=max(1, -(-train_tokens // seq_len)))
+
+
+def cache_dir_for(out: str, cfg) -> Path:
+    from mlsae.extract import cache_key
+
+    return Path(out) / "activations" / cache_key(cfg)
+
+
+@task(name="extract-activations", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
+def extract_activations(model: str, data: str, layers: list[int], train_tokens: int,
+                        seq_len: int, device: str, out: str) -> CacheManifest:
+    """Extract once per (model, data, layers, budget); a partial cache is resumed."""
+    from mlsae.extract import extract_to_cache
+
+    cfg = extract_config(model, data, layers, train_tokens, seq_len, device)
+    target = cache_dir_for(out, cfg)
+    logger = run_logger()
+    logger.info("extracting block outputs %s of %s on %s (%d sequences x %d tokens) into %s",
+                layers, model, data, cfg.max_sequences, seq_len, target)
+    with gpu_slot(device):
+        cache = extract_to_cache(cfg, target, log=progress_log())
+    m = cache.manifest
+    logger.info("activation cache: %d sequences, %d unmasked tokens, %d shards",
+                m.n_sequences, m.n_tokens, len(m.shards))
+    return CacheManifest(cache_dir=str(target), model=m.model, layers=list(m.layers),
+                         d_model=m.d_model, seq_len=m.seq_len, n_sequences=m.n_sequences,
+                         n_tokens=m.n_tokens, n_shards=len(m.shards))

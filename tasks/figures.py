@@ -1,0 +1,165 @@
+"""Prefect tasks: draw the paper's figures for a model (and across a sweep) as PNG files.
+
+The numbers come from the warehouse views and the saved autoencoders; the
+drawing is mlsae.figures. Figures land in <warehouse>/figures/<model>/ and are
+linked from a markdown artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypedDict
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.analyse import AnalysisManifest, artifact_key, query_rows
+from tasks.common import CACHE_POLICY, gpu_slot, run_logger
+from tasks.evaluate import EvalManifest
+from tasks.extract import CacheManifest
+from tasks.lens import LensManifest, load_lens
+from tasks.train import TrainManifest
+from tasks.validate import PipelinePlan
+
+
+class FiguresManifest(TypedDict):
+    figures: list[str]
+
+
+def spec_label(spec: dict[str, Any], with_model: str | None = None) -> str:
+    label = f"R{spec['expansion_factor']} k{spec['k']}{' lens' if spec['lens'] else ''}"
+    return f"{with_model} {label}" if with_model else label
+
+
+def link_figures(title: str, key: str, paths: list[Path]) -> None:
+    lines = [f"# {title}", ""] + [f"- [{p.name}](file://{p})  `{p}`" for p in paths]
+    try:
+        create_markdown_artifact(markdown="\n".join(lines) + "\n", key=artifact_key(key),
+                                 description=title)
+    except Exception as err:  # a figure index must never fail the run
+        run_logger().warning("could not create the figure artifact: %s", err)
+
+
+def _heatmap(out: str, sae_id: str, layers: list[int], path: Path) -> Path:
+    from mlsae import figures
+
+    rows = query_rows(out, "SELECT latent, layer_idx, p FROM latent_heatmap WHERE sae_id = ?",
+                      [sae_id])
+    dist = figures.layer_distribution([r["latent"] for r in rows], [r["layer_idx"] for r in rows],
+                                      [r["p"] for r in rows], len(layers))
+    return figures.plot_layer_heatmap(dist, path, f"{sae_id}\nall logged tokens (Fig. 2)",
+                                      layer_labels=layers)
+
+
+def _expected_layer_hist(out: str, sae_id: str, n_layers: int, path: Path) -> Path:
+    from mlsae import figures
+
+    rows = query_rows(out, "SELECT expected_layer FROM latent_stats WHERE sae_id = ?", [sae_id])
+    return figures.plot_expected_layer_histogram([r["expected_layer"] for r in rows], n_layers,
+                                                 path, f"Expected layer of latents\n{sae_id}")
+
+
+def _decoder_rows(sae_dir: str):
+    from mlsae import figures
+    from mlsae.sae import MLSAE
+
+    return figures.decoder_rows(MLSAE.from_pretrained(sae_dir))
+
+
+@task(name="draw-model-figures", cache_policy=CACHE_POLICY)
+def draw_model_figures(plan: PipelinePlan, cache: CacheManifest, lens: LensManifest | None,
+                       trained: list[TrainManifest], metrics: list[EvalManifest],
+                       analyses: list[AnalysisManifest], out: str) -> FiguresManifest:
+    """Fig. 1 for the model; Fig. 2/3, expected-layer histogram, metrics vs baselines and
+    MMCS for each MLSAE; layer std by config across the model's MLSAEs."""
+    from mlsae import figures
+    from mlsae.cache import ActivationCache
+    from mlsae.models import load_model
+    from mlsae.sae import MLSAE
+
+    model = plan["model"]
+    fig_dir = Path(out) / "figures" / model["slug"]
+    paths: list[Path] = []
+    sample = figures.residual_sample(ActivationCache.open(cache["cache_dir"]))
+    stats = figures.residual_similarity(sample)
+    paths.append(figures.plot_residual_similarity(
+        {model["slug"]: stats}, fig_dir / "fig1_residual_similarity.png"))
+
+    specs = {spec["sae_id"]: spec for spec in plan["specs"]}
+    trained_by_id = {t["sae_id"]: t for t in trained}
+    metrics_by_id = {m["sae_id"]: m for m in metrics}
+    loaded = None
+    for sae_id, spec in specs.items():
+        if spec["role"] != "mlsae":
+            continue
+        sae_dir = fig_dir / sae_id
+        layers = spec["layers"]
+        paths.append(_heatmap(out, sae_id, layers, sae_dir / "fig2_layer_heatmap.png"))
+        loaded = loaded or load_model(model["name"], device=plan["device"])
+        sae = MLSAE.from_pretrained(trained_by_id[sae_id]["sae_dir"])
+        sae.to(next(loaded.model.parameters()).device).eval()
+        basis = load_lens(lens, loaded, out) if spec["lens"] else None
+        with gpu_slot(plan["device"]):
+            prompt = figures.prompt_activations(sae, loaded, figures.FIG3_PROMPT, basis)
+        paths.append(figures.plot_layer_heatmap(
+            figures.prompt_distribution(prompt, len(layers)), sae_dir / "fig3_prompt_heatmap.png",
+            f'{sae_id}\n"{figures.FIG3_PROMPT}" (Fig. 3)', layer_labels=layers))
+        paths.append(_expected_layer_hist(out, sae_id, len(layers),
+                                          sae_dir / "expected_layer_histogram.png"))
+
+        # The single-layer SAEs of the same (R, k, lens), one per layer.
+        peers = {s["layers"][0]: s["sae_id"] for s in specs.values() if s["role"] == "baseline"
+                 and (s["expansion_factor"], s["k"], s["lens"])
+                 == (spec["expansion_factor"], spec["k"], spec["lens"])}
+        by_layer = {row["layer"]: row for row in metrics_by_id[sae_id]["layers"]}
+        baseline_rows = {layer: {row["layer"]: row for row in metrics_by_id[b]["layers"]}
+                         .get(layer, {}) for layer, b in peers.items()}
+        nan = float("nan")
+        paths.append(figures.plot_metrics_vs_baselines(
+            layers,
+            {m: [by_layer.get(layer, {}).get(m, nan) for layer in layers]
+             for m in ("fvu", "delta_ce")},
+            {m: [(baseline_rows.get(layer, {}).get(m) if baseline_rows.get(layer) else nan)
+                 for layer in layers] for m in ("fvu", "delta_ce")} if peers else None,
+            sae_dir / "metrics_vs_baselines.png"))
+
+        mlsae_rows = figures.decoder_rows(sae)
+        labels, values = ["MLSAE (within)"], [figures.mmcs(mlsae_rows)]
+        for layer, b in sorted(peers.items()):
+            rows = _decoder_rows(trained_by_id[b]["sae_dir"])
+            labels.append(f"MLSAE vs layer-{layer} SAE")
+            values.append(figures.mmcs_between(mlsae_rows, rows))
+        paths.append(figures.plot_mmcs(labels, values, sae_dir / "mmcs.png"))
+
+    summary = [(specs[a["sae_id"]], a["variance_summary"][0]) for a in analyses
+               if a["variance_summary"]]
+    if summary:
+        paths.append(figures.plot_layer_std_by_config(
+            [spec_label(spec) for spec, _ in summary],
+            [row["mean_layer_std"] or 0.0 for _, row in summary],
+            [row["std_layer_std"] or 0.0 for _, row in summary],
+            fig_dir / "layer_std_by_config.png"))
+    link_figures(f"Figures for {model['name']}", f"figures-{model['slug']}", paths)
+    run_logger().info("%d figures in %s", len(paths), fig_dir)
+    return FiguresManifest(figures=[str(p) for p in paths])
+
+
+@task(name="draw-sweep-figures", cache_policy=CACHE_POLICY)
+def draw_sweep_figures(analyses: list[AnalysisManifest], plans: list[PipelinePlan],
+                       out: str) -> FiguresManifest:
+    """Layer std by config across every model and config of a sweep."""
+    from mlsae import figures
+
+    specs = {spec["sae_id"]: (plan["model"]["slug"], spec) for plan in plans
+             for spec in plan["specs"]}
+    rows = [(specs[a["sae_id"]], a["variance_summary"][0]) for a in analyses
+            if a["variance_summary"]]
+    if not rows:
+        return FiguresManifest(figures=[])
+    path = figures.plot_layer_std_by_config(
+        [spec_label(spec, slug) for (slug, spec), _ in rows],
+        [row["mean_layer_std"] or 0.0 for _, row in rows],
+        [row["std_layer_std"] or 0.0 for _, row in rows],
+        Path(out) / "figures" / "sweep_layer_std_by_config.png")
+    link_figures("Sweep figures", "figures-sweep", [path])
+    return FiguresManifest(figures=[str(path)])

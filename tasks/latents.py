@@ -1,0 +1,54 @@
+"""Prefect task: log an MLSAE's latent activations on held-out text into the warehouse."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from prefect import task
+
+from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, progress_log, run_logger
+from tasks.lens import LensManifest, load_lens
+from tasks.train import TrainManifest
+
+
+class LatentsManifest(TypedDict):
+    sae_id: str
+    n_sequences: int
+    n_tokens: int
+    n_rows: int
+    bytes_latents: int
+    latents_dir: str
+    tokens_dir: str
+
+
+def eval_data(data: str, eval_tokens: int, seq_len: int):
+    """The held-out text every metric and latent table uses: the test split, same budget."""
+    from mlsae.data import DataConfig
+
+    return DataConfig(source=data, split="test", seq_len=seq_len,
+                      max_sequences=max(1, -(-eval_tokens // seq_len)))
+
+
+@task(name="log-latent-tables", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
+def log_latent_tables(trained: TrainManifest, lens: LensManifest | None, model: str, data: str,
+                      eval_tokens: int, seq_len: int, device: str, out: str) -> LatentsManifest:
+    """Write the `saes`, `tokens` and `latents` rows of one MLSAE (resumes a killed run)."""
+    from mlsae import warehouse
+    from mlsae.latents import LatentLogConfig, log_latents
+    from mlsae.models import load_model
+
+    loaded = load_model(model, device=device)
+    basis = load_lens(lens, loaded, out)
+    with gpu_slot(device):
+        result = log_latents(
+            trained["sae_dir"], loaded, eval_data(data, eval_tokens, seq_len), out,
+            trained["sae_id"], basis=basis, config=LatentLogConfig(device=device),
+            train_tokens=trained["train_tokens"], progress_log=progress_log())
+    run_logger().info("%s: %d latent rows over %d tokens (%.1f bytes/row), %d part(s) written",
+                      result.sae_id, result.n_rows, result.n_tokens,
+                      result.bytes_latents / max(result.n_rows, 1), result.parts_written)
+    return LatentsManifest(
+        sae_id=result.sae_id, n_sequences=result.n_sequences, n_tokens=result.n_tokens,
+        n_rows=result.n_rows, bytes_latents=result.bytes_latents,
+        latents_dir=str(warehouse.partition_dir(out, "latents", result.sae_id)),
+        tokens_dir=str(warehouse.partition_dir(out, "tokens", result.sae_id)))

@@ -1,0 +1,43 @@
+"""Prefect task: a tuned lens for the model (the committed one, a pretrained one, or train one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypedDict
+
+from prefect import task
+
+from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, run_logger
+
+
+class LensManifest(TypedDict):
+    lens: str
+    """What `mlsae.lens.load_basis` takes to load this lens again ("embedded", a path, a hub id)."""
+    condition_max: float
+    """Largest condition number of I + A over blocks (how exactly reconstructions map back)."""
+
+
+def lens_cache_dir(out: str) -> Path:
+    return Path(out) / "lenses"
+
+
+@task(name="prepare-lens", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
+def prepare_lens(model: str, device: str, out: str) -> LensManifest:
+    """Find or train the lens once per model; later tasks load it by name."""
+    from mlsae.lens import load_basis
+    from mlsae.models import load_model
+
+    loaded = load_model(model, device=device)
+    with gpu_slot(device):
+        basis = load_basis("auto", loaded, cache_dir=lens_cache_dir(out))
+    run_logger().info("tuned lens for %s: %s", model, basis.name)
+    return LensManifest(lens=str(basis.name), condition_max=float(basis.condition_L.max()))
+
+
+def load_lens(lens: LensManifest | None, loaded, out: str):
+    """The basis a manifest names, checked against `loaded` (None: no lens)."""
+    if lens is None:
+        return None
+    from mlsae.lens import load_basis
+
+    return load_basis(lens["lens"], loaded, cache_dir=lens_cache_dir(out))
