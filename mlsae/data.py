@@ -245,6 +245,14 @@ def _hub_documents(name: str, cfg: DataConfig) -> Iterator[str]:
     return rows()
 
 
+def normalized_source(source: str | None) -> str:
+    """"embedded" for the embedded corpus, an absolute path for a local source, else the hub name."""
+    if source is None or source == EMBEDDED_CORPUS_NAME:
+        return EMBEDDED_CORPUS_NAME
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
     """The documents of `cfg.split`, in their deterministic order (shuffled for local sources)."""
     source = cfg.source

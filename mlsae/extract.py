@@ -29,9 +29,10 @@ from mlsae.cache import (
     ShardArrays,
     ShardInfo,
 )
-from mlsae.data import DataConfig, iter_sequences, special_token_mask
+from mlsae.data import DataConfig, iter_sequences, normalized_source, special_token_mask
 from mlsae.hooks import capture_residuals, check_layers, check_seq_len, d_model
 from mlsae.models import LoadedModel, load_model, resolve_dtype
+from mlsae.paths import EMBEDDED_MODEL_NAME
 from mlsae.progress import Progress
 
 
@@ -81,12 +82,21 @@ class ExtractConfig:
         return replace(self.data, max_sequences=min(limits) if limits else None)
 
 
+def _data_identity(cfg: ExtractConfig) -> dict:
+    """The DataConfig as stored in the manifest: the source normalised ("embedded", abs path)."""
+    return {**asdict(cfg.data), "source": normalized_source(cfg.data.source)}
+
+
 def cache_key(cfg: ExtractConfig) -> str:
     """A readable directory name for the cache of `cfg`: model-split-hash of what shapes the numbers."""
-    identity = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "device")}
+    model = str(cfg.model or EMBEDDED_MODEL_NAME)
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    identity = {**{k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "device")},
+                "model": model, "data": _data_identity(cfg)}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model or "embedded")).name)
-    return f"{model}-{cfg.data.split}-{digest}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name)
+    return f"{slug}-{cfg.data.split}-{digest}"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -108,7 +118,7 @@ def _manifest(cfg: ExtractConfig, loaded: LoadedModel, layers: list[int]) -> Cac
         model=loaded.name, layers=layers, d_model=d_model(loaded.model),
         seq_len=cfg.data.seq_len, dtype=cfg.dtype, model_dtype=_dtype_name(model_dtype),
         shard_sequences=cfg.shard_sequences, max_sequences=cfg.data_config().max_sequences,
-        data=asdict(cfg.data),
+        data=_data_identity(cfg),
     )
 
 

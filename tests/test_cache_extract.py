@@ -151,6 +151,16 @@ def test_different_config_in_same_directory_is_refused(tmp_path, neox_dir, corpu
         ActivationCache.open(other)
 
 
+def test_same_source_spelled_differently_is_the_same_cache(tmp_path, neox_dir, corpus,
+                                                          monkeypatch):
+    first = extract_to_cache(_cfg(neox_dir, corpus, max_sequences=8), tmp_path / "c")
+    assert first.manifest.data["source"] == corpus  # stored as an absolute path
+    monkeypatch.chdir(tmp_path)
+    relative = DataConfig(source="./corpus.jsonl", seq_len=16)
+    again = extract_to_cache(_cfg(neox_dir, corpus, max_sequences=8, data=relative), "c")
+    assert again.manifest == first.manifest
+
+
 def test_bad_layer_and_seq_len_fail_before_any_work(tmp_path, neox_dir, corpus):
     with pytest.raises(ValueError, match=r"layer 3 is out of range.*valid layers are 0\.\.2"):
         extract_to_cache(_cfg(neox_dir, corpus, layers=[0, 3]), tmp_path / "a")
