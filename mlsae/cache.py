@@ -109,6 +109,11 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _is_temp(name: str) -> bool:
+    """A temporary file of _atomic_write that a kill left behind."""
+    return name.startswith(".") and ".tmp-" in name and name[1:].startswith(("shard-", MANIFEST))
+
+
 def _write_manifest(root: Path, manifest: CacheManifest) -> None:
     _atomic_write(root / MANIFEST, lambda f: f.write(manifest.to_json().encode()))
 
@@ -134,7 +139,7 @@ class CacheWriter:
                 )
             self.manifest = existing
         else:
-            if self.root.exists() and any(self.root.iterdir()):
+            if self.root.exists() and any(not _is_temp(p.name) for p in self.root.iterdir()):
                 raise CacheError(f"{self.root} is not empty and holds no {MANIFEST}: "
                                  "choose an empty or new directory for the activation cache")
             self.root.mkdir(parents=True, exist_ok=True)
@@ -147,8 +152,7 @@ class CacheWriter:
         listed = {shard_path(self.root, s.index, a).name
                   for s in self.manifest.shards for a in ARRAYS}
         for p in self.root.iterdir():
-            if p.name.startswith(".shard-") or (p.name.startswith("shard-")
-                                                 and p.name not in listed):
+            if _is_temp(p.name) or (p.name.startswith("shard-") and p.name not in listed):
                 p.unlink()
 
     @property

@@ -58,7 +58,8 @@ class DataConfig:
     """Stop after this many sequences (None: the whole split)."""
     shuffle_seed: int | None = 0
     """Seed of the deterministic document shuffle, so a prefix of the sequences mixes the
-    corpus's parts (None keeps source order). Hub data sets use a streaming shuffle buffer."""
+    corpus's parts. Local sources are read whole to shuffle them; None keeps source order and
+    streams them instead. Hub data sets use a streaming shuffle buffer."""
     hub_config: str | None = None
     """Configuration (subset) name of a hub data set, e.g. "wikitext-103-raw-v1"."""
 

@@ -124,6 +124,7 @@ def test_killed_and_resumed_extraction_is_byte_identical(tmp_path, neox_dir, cor
     # what a kill in the middle of writing shard 2 leaves behind: a torn file, a temp file
     (resumed / "shard-00002.acts.npy").write_bytes(b"\x93NUMPY torn")
     (resumed / ".shard-00002.tokens.npy.tmp-999").write_bytes(b"partial")
+    (resumed / ".manifest.json.tmp-999").write_bytes(b"{")
 
     written = []
     extract_to_cache(cfg, resumed, on_shard=lambda info: written.append(info.index))
@@ -149,6 +150,12 @@ def test_different_config_in_same_directory_is_refused(tmp_path, neox_dir, corpu
         extract_to_cache(_cfg(neox_dir, corpus, max_sequences=8), other)
     with pytest.raises(CacheError, match="not an activation cache"):
         ActivationCache.open(other)
+    # a kill during the very first manifest write leaves only a temp file: not in the way
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".manifest.json.tmp-999").write_bytes(b"{")
+    assert len(extract_to_cache(_cfg(neox_dir, corpus, max_sequences=8), killed)) == 8
+    assert sorted(p.name for p in killed.iterdir())[0] == "manifest.json"
 
 
 def test_same_source_spelled_differently_is_the_same_cache(tmp_path, neox_dir, corpus,
