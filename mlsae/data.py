@@ -212,7 +212,8 @@ def _hub_documents(name: str, cfg: DataConfig) -> Iterator[str]:
     if not _hub_reachable():
         offline = os.environ.get("HF_HUB_OFFLINE", "")
         why = f"HF_HUB_OFFLINE={offline} is set" if offline else "the hub is not reachable"
-        raise DataError(f"cannot stream hub data set {name!r}: {why}. {fix}")
+        raise DataError(f"cannot stream hub data set {name!r}: {why} (and no local file or "
+                        f"directory of that name exists). {fix}")
     try:
         import datasets
     except ImportError as err:
