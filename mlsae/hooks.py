@@ -104,7 +104,9 @@ def capture_residuals(model: nn.Module, input_ids_BT: Tensor,
     """Block outputs [B, T, len(layers), D] for `layers` (in the order given; None = all).
 
     The forward pass stops right after the deepest requested block: later
-    blocks, the final norm and the unembedding are never computed.
+    blocks, the final norm and the unembedding are never computed. Runs under
+    torch.inference_mode: the result is an inference tensor (`.clone()` it to
+    feed it to something that records gradients).
     """
     layers = check_layers(model, layers)
     blocks = get_blocks(model)
