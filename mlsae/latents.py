@@ -471,7 +471,7 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
     fingerprint = {
         "data": dataclasses.asdict(data) if dataclasses.is_dataclass(data) else repr(data),
         "model": loaded.name, "sae": _sae_fingerprint(sae_dir),
-        "basis": None if basis is None else type(basis).__name__,
+        "basis": "none" if basis is None else getattr(basis, "name", type(basis).__name__),
     }
     return write_latents(warehouse_dir, record, tokens_BT, mask_BT, encode, decode,
                          fingerprint, config, progress_log)

@@ -498,6 +498,7 @@ def connect(warehouse_dir: str | os.PathLike, read_only: bool = True,
         raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
                              "MLSAE_HOME) to a directory written by `mlsae run`")
     con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")  # it would print on stdout (csv output!)
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     if memory_limit:
@@ -565,7 +566,8 @@ def check_readonly_statement(con, query: str) -> str:
     except duckdb.Error as e:
         raise ReadOnlyError(f"could not parse the query: {e}") from e
     if len(statements) != 1:
-        raise ReadOnlyError(f"give exactly one SQL statement (got {len(statements)})")
+        raise ReadOnlyError(f"`mlsae sql` is read-only and runs exactly one statement (got "
+                            f"{len(statements)}); send them one at a time")
     statement = statements[0]
     kind = statement.type.name
     if kind == "EXPLAIN":
@@ -591,6 +593,17 @@ def execute_readonly(con, query: str):
     statement = check_readonly_statement(con, query)
     try:
         return con.execute(statement)
+    except duckdb.PermissionException as e:
+        raise ReadOnlyError(f"`mlsae sql` is read-only and sees only the warehouse: {e}") from e
+
+
+def arrow_readonly(con, query: str) -> pa.Table:
+    """Like execute_readonly, but the whole result as an Arrow table."""
+    import duckdb
+
+    statement = check_readonly_statement(con, query)
+    try:
+        return con.sql(statement).to_arrow_table()
     except duckdb.PermissionException as e:
         raise ReadOnlyError(f"`mlsae sql` is read-only and sees only the warehouse: {e}") from e
 

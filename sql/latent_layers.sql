@@ -10,15 +10,13 @@
 --          count, mass, p.
 CREATE OR REPLACE VIEW latent_layers AS
 WITH per_layer AS (
-    -- Grouping by hash(sae_id) instead of the string is ~2x faster; connect() checks
-    -- that no two sae_ids in a warehouse share a hash.
-    SELECT any_value(sae_id) AS sae_id, latent, layer,
+    SELECT hash(sae_id) AS sae_key, latent, layer,
            count(*) AS count, sum(value::DOUBLE) AS mass
     FROM latents
     WHERE value > 0
-    GROUP BY hash(sae_id), latent, layer
+    GROUP BY ALL
 )
-SELECT p.sae_id, p.latent, p.layer, s.layer_idx, p.count, p.mass,
-       p.mass / sum(p.mass) OVER (PARTITION BY p.sae_id, p.latent) AS p
+SELECT s.sae_id, p.latent, p.layer, s.layer_idx, p.count, p.mass,
+       p.mass / sum(p.mass) OVER (PARTITION BY p.sae_key, p.latent) AS p
 FROM per_layer p
-JOIN sae_layers s USING (sae_id, layer);
+JOIN sae_layers s USING (sae_key, layer);

@@ -5,10 +5,11 @@
 -- For token t and latent j: m_tj = sum_l a[l,t,j], p_tj(l) = a[l,t,j] / m_tj,
 -- E_tj = sum_l l p_tj(l), V_tj = sum_l l^2 p_tj(l) - E_tj^2 (exactly 0 when the latent
 -- is active at one layer only). The prompt pools its tokens: m_sj, E_sj, V_sj likewise.
+-- This per-(token, latent) GROUP BY is the one expensive step of the analyses.
 -- depends: latents, sae_layers
 -- Parameters: none.
 -- Columns:
---   sae_id, seq_id, latent
+--   sae_id, sae_key, seq_id, latent
 --   count      active (token, layer) rows          n_tokens  tokens with m_tj > 0
 --   mass       m_sj = sum_t m_tj                   s1, s2    sum_t sum_l l a, sum_t sum_l l^2 a
 --   token_mv   sum_t m_tj V_tj                     prompt_mv m_sj V_sj
@@ -16,30 +17,35 @@
 --   sum_v      sum_t V_tj                          (the last three: the reference variant)
 CREATE OR REPLACE VIEW latent_seq_moments AS
 WITH active AS (
-    SELECT l.sae_id, l.seq_id, l.pos, l.latent,
+    SELECT s.sae_key, l.seq_id, l.pos, l.latent,
            l.value::DOUBLE AS a, s.layer_idx::DOUBLE AS i
     FROM latents l
-    JOIN sae_layers s USING (sae_id, layer)
+    JOIN sae_layers s ON hash(l.sae_id) = s.sae_key AND l.layer = s.layer
     WHERE l.value > 0
 ),
 per_token AS (
-    SELECT any_value(sae_id) AS sae_id, seq_id, latent,
+    SELECT sae_key, seq_id, latent,
            count(*) AS count, sum(a) AS m, sum(a * i) AS s1, sum(a * i * i) AS s2,
            min(i) AS lo, max(i) AS hi
     FROM active
-    GROUP BY hash(sae_id), seq_id, pos, latent
+    GROUP BY sae_key, seq_id, pos, latent
 ),
 per_token_var AS (
     -- m V = s2 - s1^2/m; single-layer tokens are exactly 0, and rounding never goes below 0.
     SELECT *, CASE WHEN lo = hi THEN 0.0 ELSE greatest(s2 - s1 * s1 / m, 0.0) END AS mv
     FROM per_token
+),
+per_seq AS (
+    SELECT sae_key, seq_id, latent,
+           sum(count) AS count, count(*) AS n_tokens, sum(m) AS mass,
+           sum(s1) AS s1, sum(s2) AS s2,
+           sum(mv) AS token_mv,
+           CASE WHEN min(lo) = max(hi) THEN 0.0
+                ELSE greatest(sum(s2) - sum(s1) * sum(s1) / sum(m), 0.0) END AS prompt_mv,
+           sum(s1 / m) AS sum_e, sum(s2 / m) AS sum_e2, sum(mv / m) AS sum_v
+    FROM per_token_var
+    GROUP BY sae_key, seq_id, latent
 )
-SELECT any_value(sae_id) AS sae_id, seq_id, latent,
-       sum(count) AS count, count(*) AS n_tokens, sum(m) AS mass,
-       sum(s1) AS s1, sum(s2) AS s2,
-       sum(mv) AS token_mv,
-       CASE WHEN min(lo) = max(hi) THEN 0.0
-            ELSE greatest(sum(s2) - sum(s1) * sum(s1) / sum(m), 0.0) END AS prompt_mv,
-       sum(s1 / m) AS sum_e, sum(s2 / m) AS sum_e2, sum(mv / m) AS sum_v
-FROM per_token_var
-GROUP BY hash(sae_id), seq_id, latent;
+SELECT s.sae_id, p.*
+FROM per_seq p
+JOIN (SELECT sae_id, hash(sae_id) AS sae_key FROM saes) s USING (sae_key);

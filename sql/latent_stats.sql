@@ -7,15 +7,18 @@
 --   prompt_var     Vprompt_j = sum_s m_sj V_sj / sum_s m_sj   (the same per sequence)
 -- Law of total variance: layer_var = token_var + sum_t (m_tj/M_j)(E_tj - E_j)^2.
 -- Latents that never fire have no row (see dead_latents). l = layer index 0..L-1.
+--
+-- The view is latent_stats_of(latent_seq_moments, latent_layers); the macro lets
+-- variance_summary reuse one materialised pass over latent_seq_moments.
 -- depends: latent_layers, latent_seq_moments, saes
--- Parameters: none.
+-- Parameters: none (the macro: the two relations, by name).
 -- Columns: sae_id, latent, count, mass, n_layers_active, expected_layer, layer_var,
 --          layer_std, relative_std, token_var, prompt_var.
-CREATE OR REPLACE VIEW latent_stats AS
+CREATE OR REPLACE MACRO latent_stats_of(seq_moments, layer_dist) AS TABLE
 WITH dist AS (
     SELECT sae_id, latent, layer_idx, count, mass, p,
            sum(p * layer_idx) OVER (PARTITION BY sae_id, latent) AS e
-    FROM latent_layers
+    FROM query_table(layer_dist)
 ),
 over_layers AS (
     SELECT sae_id, latent, sum(count) AS count, sum(mass) AS mass,
@@ -28,8 +31,8 @@ within AS (
     SELECT any_value(sae_id) AS sae_id, latent,
            sum(token_mv) / sum(mass) AS token_var,
            sum(prompt_mv) / sum(mass) AS prompt_var
-    FROM latent_seq_moments
-    GROUP BY hash(sae_id), latent
+    FROM query_table(seq_moments)
+    GROUP BY sae_key, latent
 )
 SELECT o.sae_id, o.latent, o.count, o.mass, o.n_layers_active, o.expected_layer,
        o.layer_var, sqrt(o.layer_var) AS layer_std,
@@ -38,3 +41,6 @@ SELECT o.sae_id, o.latent, o.count, o.mass, o.n_layers_active, o.expected_layer,
 FROM over_layers o
 JOIN within w USING (sae_id, latent)
 JOIN saes s USING (sae_id);
+
+CREATE OR REPLACE VIEW latent_stats AS
+SELECT * FROM latent_stats_of(latent_seq_moments, latent_layers);

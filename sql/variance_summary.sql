@@ -13,41 +13,43 @@
 --   ref_var_aggregated = mean_s A_s,  ref_var_token = mean_s B_s,
 --   ref_rel_var = mean_s (B_s / A_s)  (the reference code's rel_var_t; sequences with
 --   A_s = 0 are skipped), ref_n_sequences.
--- depends: latent_stats, latent_seq_moments, tokens, saes
+-- depends: latent_stats, latent_seq_moments, latent_layers, tokens, saes
 -- Parameters: none.
 -- Columns: sae_id, n_latents, n_live, mean_layer_var, mean_prompt_var, mean_token_var,
 --          ratio_token, ratio_prompt, mean_layer_std, std_layer_std, mean_relative_std,
 --          ref_n_sequences, ref_var_aggregated, ref_var_token, ref_rel_var.
 CREATE OR REPLACE VIEW variance_summary AS
-WITH live AS (
+WITH seq_moments AS MATERIALIZED (
+    SELECT * FROM latent_seq_moments   -- the expensive pass, shared by both halves
+),
+live AS (
     SELECT sae_id, count(*) AS n_live,
            avg(layer_var) AS mean_layer_var, avg(prompt_var) AS mean_prompt_var,
            avg(token_var) AS mean_token_var,
            avg(layer_std) AS mean_layer_std, stddev_pop(layer_std) AS std_layer_std,
            avg(relative_std) AS mean_relative_std
-    FROM latent_stats
+    FROM latent_stats_of(seq_moments, latent_layers)
     GROUP BY sae_id
 ),
 seq_len AS (
-    SELECT sae_id, seq_id, count(*) AS t FROM tokens GROUP BY sae_id, seq_id
+    SELECT hash(sae_id) AS sae_key, seq_id, count(*) AS t FROM tokens GROUP BY ALL
 ),
 per_seq AS (
-    -- per (s, j): var of the token-averaged q, and the token-averaged var(q)
-    SELECT any_value(sae_id) AS sae_id, seq_id,
+    SELECT sae_key, seq_id,
            sum(sum_e2 - sum_e * sum_e / t) AS a_sum_t,  -- T * sum_j var(Q_sj), Q = (1/T) sum_t q
            sum(sum_v) AS b_sum_t                         -- sum_j sum_t V_tj
-    FROM latent_seq_moments JOIN seq_len USING (sae_id, seq_id)
-    GROUP BY hash(sae_id), seq_id
+    FROM seq_moments JOIN seq_len USING (sae_key, seq_id)
+    GROUP BY sae_key, seq_id
 ),
 ref AS (
-    SELECT sae_id, count(*) AS n_seq,
-           avg(coalesce(a_sum_t, 0) / (t * n)) AS a, avg(coalesce(b_sum_t, 0) / (t * n)) AS b,
-           avg(coalesce(b_sum_t, 0) / nullif(coalesce(a_sum_t, 0), 0)) AS b_over_a
-    FROM (SELECT s.sae_id, s.seq_id, s.t, p.a_sum_t, p.b_sum_t, x.n_latents AS n
-          FROM seq_len s
-          LEFT JOIN per_seq p USING (sae_id, seq_id)
-          JOIN saes x USING (sae_id))
-    GROUP BY sae_id
+    SELECT x.sae_id, count(*) AS n_seq,
+           avg(coalesce(p.a_sum_t, 0) / (s.t * x.n_latents)) AS a,
+           avg(coalesce(p.b_sum_t, 0) / (s.t * x.n_latents)) AS b,
+           avg(coalesce(p.b_sum_t, 0) / nullif(coalesce(p.a_sum_t, 0), 0)) AS b_over_a
+    FROM seq_len s
+    LEFT JOIN per_seq p USING (sae_key, seq_id)
+    JOIN (SELECT sae_id, hash(sae_id) AS sae_key, n_latents FROM saes) x USING (sae_key)
+    GROUP BY x.sae_id
 )
 SELECT s.sae_id, s.n_latents, coalesce(l.n_live, 0) AS n_live,
        l.mean_layer_var, l.mean_prompt_var, l.mean_token_var,
