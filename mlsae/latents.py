@@ -174,7 +174,7 @@ def write_layer_metrics(warehouse_dir: str | os.PathLike, sae_id: str,
 @contextlib.contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_NAME, "w") as lock:
+    with open(directory / LOCK_NAME, "a") as lock:  # "a": a no-op rerun changes no mtime
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
