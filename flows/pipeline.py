@@ -15,18 +15,18 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from prefect import flow
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.analyse import analyse_autoencoder, report_run
 from tasks.common import ensure_gpu_limit, results_dir, run_logger
 from tasks.evaluate import evaluate_autoencoder
-from tasks.extract import CacheManifest, extract_activations
-from tasks.figures import draw_model_figures
-from tasks.lens import prepare_lens
+from tasks.extract import extract_activations
+from tasks.figures import draw_model_figures, draw_sweep_figures
 from tasks.latents import log_latent_tables
+from tasks.lens import prepare_lens
 from tasks.train import train_autoencoder
-from tasks.validate import PipelinePlan, SAESpec, validate_parameters
+from tasks.validate import PipelinePlan, validate_parameters
 
 # Defaults: sized so that `mlsae run` with no options finishes in well under 15
 # minutes on a 2-core CPU with the embedded model (6 blocks x d_model 256).
@@ -63,7 +63,7 @@ def bind_tasks(out: Path, refresh: bool = False) -> dict[str, Any]:
                    result_serializer="json", refresh_cache=refresh or None)
     return {t.name: t.with_options(**options) for t in (
         extract_activations, prepare_lens, train_autoencoder, evaluate_autoencoder,
-        log_latent_tables, analyse_autoencoder, draw_model_figures)}
+        log_latent_tables, analyse_autoencoder, draw_model_figures, draw_sweep_figures)}
 
 
 def submit_model(plan: PipelinePlan, out: Path, steps: dict[str, Any]
@@ -71,38 +71,39 @@ def submit_model(plan: PipelinePlan, out: Path, steps: dict[str, Any]
     """Submit one model's whole task graph; return (figures future, analysis futures by sae_id).
 
     Futures carry the dependencies, so a concurrent task runner (the sweep's) runs
-    independent configs side by side while each config's steps stay in order.
+    independent configs side by side while each config's steps stay in order:
+    MLSAE: train -> log latents -> evaluate -> analyse; baseline: train -> evaluate.
     """
-    model, device = plan["model"], plan["device"]
+    model, device, where = plan["model"], plan["device"], str(out)
+    eval_args = dict(model=model["name"], data=plan["data"], eval_tokens=plan["eval_tokens"],
+                     seq_len=plan["seq_len"], device=device, out=where)
     cache = steps["extract-activations"].submit(
         model=model["name"], data=plan["data"], layers=plan["layers"],
-        train_tokens=plan["train_tokens"], seq_len=plan["seq_len"], device=device, out=str(out))
+        train_tokens=plan["train_tokens"], seq_len=plan["seq_len"], device=device, out=where)
     lens = None
     if any(spec["lens"] for spec in plan["specs"]):
-        lens = steps["prepare-lens"].submit(model=model["name"], device=device, out=str(out))
+        lens = steps["prepare-lens"].submit(model=model["name"], device=device, out=where)
+    trained: list[PrefectFuture] = []
+    evaluated: list[PrefectFuture] = []
     analyses: dict[str, PrefectFuture] = {}
-    metrics: dict[str, PrefectFuture] = {}
-    trained_by_id: dict[str, PrefectFuture] = {}
     for spec in plan["specs"]:
-        trained = steps["train-autoencoder"].submit(
-            spec=spec, cache=cache, lens=lens if spec["lens"] else None, seed=plan["seed"],
-            device=device, out=str(out))
-        trained_by_id[spec["sae_id"]] = trained
-        evaluated = steps["evaluate-autoencoder"].submit(
-            trained=trained, model=model["name"], data=plan["data"],
-            eval_tokens=plan["eval_tokens"], seq_len=plan["seq_len"], device=device, out=str(out))
-        metrics[spec["sae_id"]] = evaluated
-        if spec["role"] != "mlsae":
-            continue  # baselines: metrics and weights only (no latent table)
-        logged = steps["log-latent-tables"].submit(
-            trained=trained, evaluated=evaluated, model=model["name"], data=plan["data"],
-            eval_tokens=plan["eval_tokens"], seq_len=plan["seq_len"], device=device,
-            out=str(out))
-        analyses[spec["sae_id"]] = steps["analyse-autoencoder"].submit(
-            sae_id=spec["sae_id"], logged=logged, out=str(out))
+        spec_lens = lens if spec["lens"] else None
+        train = steps["train-autoencoder"].submit(
+            spec=spec, model=model, data=plan["data"], cache=cache, lens=spec_lens,
+            train_tokens=plan["train_tokens"], seed=plan["seed"], device=device, out=where)
+        trained.append(train)
+        logged = None
+        if spec["role"] == "mlsae":  # baselines: weights and metrics only, no latent table
+            logged = steps["log-latent-tables"].submit(trained=train, lens=spec_lens, **eval_args)
+        evaluate = steps["evaluate-autoencoder"].submit(
+            trained=train, logged=logged, lens=spec_lens, **eval_args)
+        evaluated.append(evaluate)
+        if logged is not None:
+            analyses[spec["sae_id"]] = steps["analyse-autoencoder"].submit(
+                sae_id=spec["sae_id"], logged=logged, evaluated=evaluate, out=where)
     figures = steps["draw-model-figures"].submit(
-        plan=plan, cache=cache, trained=list(trained_by_id.values()),
-        metrics=list(metrics.values()), analyses=list(analyses.values()), out=str(out))
+        plan=plan, cache=cache, lens=lens, trained=trained, metrics=evaluated,
+        analyses=list(analyses.values()), out=where)
     return figures, analyses
 
 
@@ -169,9 +170,3 @@ def pipeline(
     return result
 
 
-def wait_all(futures: list[PrefectFuture]) -> None:
-    wait(futures)
-
-
-__all__ = ["pipeline", "PipelineResult", "resolve_out", "bind_tasks", "submit_model",
-           "CacheManifest", "SAESpec"]

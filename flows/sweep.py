@@ -16,7 +16,7 @@ default), so concurrent configs queue for a GPU instead of sharing its memory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from prefect import flow
 
@@ -31,7 +31,6 @@ from flows.pipeline import (
     submit_model,
 )
 from tasks.common import ensure_gpu_limit, run_logger
-from tasks.figures import draw_sweep_figures
 from tasks.validate import InvalidParameters, PipelinePlan, check_pipeline_parameters
 
 TASK_RUNNERS = ("thread", "dask", "ray")
@@ -145,10 +144,3 @@ def sweep(
     return run_grid.with_options(task_runner=runner)(plans=plans, out=str(out_dir),
                                                      refresh=refresh)
 
-
-def grid_size(models: list[str], expansion_factors: list[int], ks: list[int],
-              lenses: list[bool]) -> int:
-    return len(models) * len(expansion_factors) * len(ks) * len(set(lenses))
-
-
-__all__: list[Any] = ["sweep", "make_task_runner", "grid_size"]

@@ -91,6 +91,11 @@ def mmcs_between(dirs_MD: np.ndarray, other_MD: np.ndarray, chunk: int = 2048) -
     return float(best.mean())
 
 
+def decoder_rows(sae) -> np.ndarray:
+    """An MLSAE's decoder directions as float32 [n_latents, d_model] (row j = latent j)."""
+    return sae.W_dec_MD.detach().float().cpu().numpy()
+
+
 class LayerDistribution(NamedTuple):
     latent_J: np.ndarray
     """Latent ids, sorted by expected layer (ties by id)."""

@@ -213,6 +213,17 @@ def check_pipeline_parameters(
                 specs.append(spec("mlsae", chosen))
                 if baselines and len(chosen) > 1:
                     specs += [spec("baseline", [layer]) for layer in chosen]
+    # The library's own checks on the exact configs training will use (k_aux, budgets, ...).
+    from tasks.configs import train_config
+
+    for spec in specs:
+        try:
+            train_config(spec, info, data_name, "tuned-lens" if spec["lens"] else None,
+                         int(train_tokens), int(seed), device)
+        except ValueError as err:
+            problems.append(f"{spec['sae_id']}: {err}")
+    if problems:
+        raise InvalidParameters("invalid parameters:\n  - " + "\n  - ".join(problems))
     return PipelinePlan(model=info, data=data_name, layers=chosen, train_tokens=int(train_tokens),
                         eval_tokens=int(eval_tokens), seq_len=int(seq_len), seed=int(seed),
                         device=device, specs=specs)

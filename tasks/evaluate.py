@@ -1,0 +1,74 @@
+"""Prefect task: per-layer metrics of one autoencoder on held-out text, into `layer_metrics`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, TypedDict
+
+from prefect import task
+
+from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, run_logger
+from tasks.latents import LatentsManifest, eval_data
+from tasks.lens import LensManifest, load_lens
+from tasks.train import TrainManifest
+
+METRICS = ("fvu", "mse", "l0", "dead_fraction", "delta_ce", "kl")
+
+
+class EvalManifest(TypedDict):
+    sae_id: str
+    layers: list[dict[str, Any]]
+    """One dict per layer: layer (model block) and the METRICS."""
+    mean: dict[str, float | None]
+    metrics_path: str
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        raw = item
+    elif dataclasses.is_dataclass(item):
+        raw = dataclasses.asdict(item)
+    elif hasattr(item, "_asdict"):
+        raw = item._asdict()
+    else:
+        raw = vars(item)
+    row = {"layer": int(raw["layer"])}
+    for name in METRICS:
+        value = raw.get(name)
+        row[name] = None if value is None or not math.isfinite(float(value)) else float(value)
+    return row
+
+
+def _mean(rows: list[dict[str, Any]], name: str) -> float | None:
+    values = [r[name] for r in rows if r[name] is not None]
+    return sum(values) / len(values) if values else None
+
+
+@task(name="evaluate-autoencoder", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
+def evaluate_autoencoder(trained: TrainManifest, logged: LatentsManifest | None,
+                         lens: LensManifest | None, model: str, data: str, eval_tokens: int,
+                         seq_len: int, device: str, out: str) -> EvalManifest:
+    """FVU, MSE, L0, dead fraction, delta CE and KL per layer; writes `layer_metrics`
+    (then the `saes` row, if logging latents did not already)."""
+    from mlsae.latents import sae_record_from_config, write_layer_metrics, write_sae_record
+    from mlsae.models import load_model
+    from mlsae.sae.evaluate import evaluate_sae
+    from mlsae.sae.model import MLSAE
+
+    loaded = load_model(model, device=device)
+    sae = MLSAE.from_pretrained(trained["sae_dir"]).to(next(loaded.model.parameters()).device)
+    basis = load_lens(lens, loaded, out)
+    with gpu_slot(device):
+        metrics = evaluate_sae(sae, loaded, eval_data(data, eval_tokens, seq_len), basis=basis)
+    rows = [_as_dict(m) for m in metrics]
+    sae_id = trained["sae_id"]
+    path = write_layer_metrics(out, sae_id, rows)
+    # Last: a `saes` row with metrics is what marks this autoencoder as done (rerun).
+    write_sae_record(out, sae_record_from_config(sae_id, sae.cfg, loaded.name,
+                                                 trained["train_tokens"]))
+    mean = {name: _mean(rows, name) for name in METRICS}
+    run_logger().info("%s: mean FVU %s, delta CE %s, L0 %s", sae_id,
+                      *(f"{mean[m]:.4g}" if mean[m] is not None else "n/a"
+                        for m in ("fvu", "delta_ce", "l0")))
+    return EvalManifest(sae_id=sae_id, layers=rows, mean=mean, metrics_path=str(path))

@@ -1,0 +1,128 @@
+"""End to end on a real Prefect server: deploy from prefect.yaml, run a worker,
+trigger the pipeline deployment and the rerun deployment, check the outputs.
+
+Everything is real: `prefect server start` on a free loopback port with its
+own PREFECT_HOME, `mlsae deploy` (process work pool + `prefect deploy --all`),
+`prefect worker start` running flow runs as subprocesses from this checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.prefect_server import PrefectServer
+from tests.test_flows_support import (
+    SMALL,
+    embedded_model_ready,
+    save_tiny_model,
+    table_rows,
+)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(480),
+    pytest.mark.skipif(not embedded_model_ready(), reason="the embedded model is not trained yet"),
+]
+
+MLSAE_BIN = str(Path(sys.executable).with_name("mlsae"))
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def deployment_ids(server: PrefectServer) -> dict[str, dict]:
+    flows = {f["id"]: f["name"] for f in server.api("POST", "flows/filter", {})}
+    return {f"{flows[d['flow_id']]}/{d['name']}": d
+            for d in server.api("POST", "deployments/filter", {})}
+
+
+def trigger(server: PrefectServer, deployment: dict, parameters: dict) -> str:
+    run = server.api("POST", f"deployments/{deployment['id']}/create_flow_run",
+                     {"parameters": parameters})
+    return run["id"]
+
+
+def wait_for(server: PrefectServer, run_id: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = server.api("GET", f"flow_runs/{run_id}")
+        if run["state"]["type"] in TERMINAL:
+            return run
+        time.sleep(1.0)
+    raise TimeoutError(f"flow run {run_id} not finished after {timeout_s:.0f}s "
+                       f"(state {run['state']['type']})\n{server.child_logs()}")
+
+
+def runs_of(server: PrefectServer, deployment: dict) -> list[dict]:
+    return server.api("POST", "flow_runs/filter",
+                      {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
+
+
+def test_deploy_worker_pipeline_and_rerun(tmp_path):
+    warehouse = tmp_path / "warehouse"
+    tiny = save_tiny_model(tmp_path / "models" / "tiny")
+    registry = tmp_path / "models.yaml"
+    small_params = {**SMALL, "baselines": False}
+    registry.write_text(yaml.safe_dump({"models": [
+        {"model": "embedded", "parameters": small_params},
+        {"model": str(tiny), "parameters": small_params},
+    ]}))
+    # No scheduler service: the rerun's cron schedule is registered, but no
+    # scheduled run may start in the middle of the test. Workers poll fast.
+    server_env = {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+                  "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with PrefectServer(tmp_path / "server", extra_env=server_env) as server:
+        # 1. Deploy: `mlsae deploy` creates the process pool and deploys prefect.yaml.
+        deployed = server.run([MLSAE_BIN, "deploy", "--out", str(warehouse), "--gpu-slots", "0"],
+                              timeout_s=180)
+        assert "mlsae-pipeline/default" in deployed.stdout
+        deployments = deployment_ids(server)
+        assert {"mlsae-pipeline/default", "mlsae-sweep/default",
+                "mlsae-rerun/default"} <= set(deployments)
+        rerun_deployment = deployments["mlsae-rerun/default"]
+        assert [s["schedule"].get("cron") for s in rerun_deployment["schedules"]] == ["0 3 * * *"]
+        pipeline_deployment = deployments["mlsae-pipeline/default"]
+        assert pipeline_deployment["work_pool_name"] == "mlsae-process"
+        assert pipeline_deployment["parameters"]["out"] == str(warehouse)
+
+        # 2. A worker runs the flow runs as subprocesses of this checkout.
+        server.spawn_cli("worker", "start", "--pool", "mlsae-process", "--limit", "2",
+                         name="worker")
+
+        # 3. The pipeline deployment, with small budgets.
+        run_id = trigger(server, pipeline_deployment, small_params)
+        run = wait_for(server, run_id, timeout_s=240)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
+        (n_saes, model), = table_rows(warehouse, "SELECT count(*), any_value(model) FROM saes")
+        assert (n_saes, model) == (1, "embedded")
+        assert table_rows(warehouse, "SELECT count(*) FROM latents")[0][0] > 0
+        assert table_rows(warehouse, "SELECT count(*) FROM variance_summary")[0][0] == 1
+        assert list((warehouse / "figures" / "embedded").rglob("*.png"))
+
+        # 4. The rerun deployment: the embedded model has results, the tiny one does
+        # not -> exactly one pipeline run (through the pipeline deployment).
+        runs_before = len(runs_of(server, pipeline_deployment))
+        run_id = trigger(server, rerun_deployment, {"registry": str(registry), "variable": ""})
+        run = wait_for(server, run_id, timeout_s=240)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
+        pipeline_runs = runs_of(server, pipeline_deployment)
+        assert len(pipeline_runs) == runs_before + 1
+        new_run = max(pipeline_runs, key=lambda r: r["created"])
+        assert new_run["parameters"]["model"] == str(tiny)
+        assert new_run["state"]["type"] == "COMPLETED"
+        models = {row[0] for row in table_rows(warehouse, "SELECT model FROM saes")}
+        assert models == {"embedded", str(tiny)}
+
+        # 5. Idempotent: nothing new -> no pipeline run.
+        run_id = trigger(server, rerun_deployment, {"registry": str(registry), "variable": ""})
+        run = wait_for(server, run_id, timeout_s=120)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
+        assert len(runs_of(server, pipeline_deployment)) == runs_before + 1
+        logs = server.api("POST", "logs/filter",
+                          {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+        assert any("nothing to do" in entry["message"] for entry in logs), json.dumps(logs)[:2000]

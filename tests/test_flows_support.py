@@ -1,0 +1,69 @@
+"""Helpers shared by the flow tests and the deployment integration test (no tests here).
+
+Small budgets: every pipeline run in the tests trains on a few thousand tokens
+with a tiny dictionary, so a whole run takes seconds of compute; what they
+check is the orchestration, caching and resuming, not the science.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlsae.paths import EMBEDDED_MODEL_DIR
+
+# Pipeline parameters for the tests: R=2 (512 latents on d_model 256), k=4, 32
+# training sequences of 64 tokens, 8 held-out sequences.
+SMALL = dict(expansion_factors=[2], ks=[4], train_tokens=2048, eval_tokens=512, seq_len=64)
+
+EXPECTED_TABLES = ("saes", "layer_metrics", "tokens", "latents")
+EXPECTED_VIEWS = ("latent_layers", "latent_stats", "variance_summary")
+MLSAE_FIGURES = ("fig2_layer_heatmap.png", "fig3_prompt_heatmap.png",
+                 "expected_layer_histogram.png", "metrics_vs_baselines.png", "mmcs.png")
+MODEL_FIGURES = ("fig1_residual_similarity.png", "layer_std_by_config.png")
+
+
+def embedded_model_ready() -> bool:
+    return (EMBEDDED_MODEL_DIR / "config.json").exists()
+
+
+def save_tiny_model(directory: Path, n_layers: int = 2, d_model: int = 32) -> Path:
+    """A random GPT-NeoX with the embedded tokenizer (same vocab), saved like a user's model."""
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=d_model,
+                           num_hidden_layers=n_layers, num_attention_heads=4,
+                           intermediate_size=2 * d_model, max_position_embeddings=256,
+                           rotary_pct=0.25, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under root: equal snapshots = nothing written."""
+    found = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if rel.startswith(skip):
+                continue
+            stat = path.stat()
+            found[rel] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def table_rows(out: Path, query: str) -> list[tuple]:
+    from mlsae.warehouse import connect
+
+    con = connect(out, read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
