@@ -12,7 +12,7 @@ import torch
 from mlsae.cache import ActivationCache, CacheError
 from mlsae.data import DataConfig, load_sequences, special_token_mask
 from mlsae.extract import ExtractConfig, extract_to_cache, stream_activations
-from mlsae.hooks import capture_residuals
+from mlsae.hooks import capture_residuals, splice_forward
 from mlsae.models import load_model
 
 TEXT = "in the beginning god created heaven and earth to be or not that is question"
@@ -205,3 +205,29 @@ def test_cli_extract(tmp_path, neox_dir, corpus):
     assert ActivationCache.open(cache_dir).manifest.layers == [0, 1]
     bad = CliRunner().invoke(command, [*args[:-2], "--layers", "0,9", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "valid layers are 0..2" in bad.output
+
+
+def test_embedded_model_extraction_matches_transformers():
+    """The shipped model end to end: real text, all 6 blocks, masked EOTs, exact splice."""
+    loaded = load_model(None, device="cpu")
+    # 6 sequences: the 5th holds a document boundary (an EOT) in the default order
+    cfg = ExtractConfig(data=DataConfig(split="test", max_sequences=6), batch_size=3,
+                        shard_sequences=6, device="cpu")
+    (shard,) = list(stream_activations(cfg, loaded=loaded))
+    model = loaded.model
+    L = model.config.num_hidden_layers
+    assert shard.acts_BTLD.shape == (6, 256, L, model.config.hidden_size)
+    ids_BT = torch.from_numpy(shard.tokens_BT).long()
+    with torch.inference_mode():
+        out = model(input_ids=ids_BT, output_hidden_states=True)
+    acts_BTLD = torch.from_numpy(shard.acts_BTLD.astype(np.float32))
+    for layer in range(L - 1):
+        torch.testing.assert_close(acts_BTLD[:, :, layer], out.hidden_states[layer + 1],
+                                   rtol=2e-3, atol=2e-2)
+    # the last block's output is taken BEFORE the final norm
+    with torch.inference_mode():
+        normed = model.gpt_neox.final_layer_norm(capture_residuals(model, ids_BT, [L - 1])[:, :, 0])
+    torch.testing.assert_close(normed, out.hidden_states[L])
+    eot = loaded.tokenizer.eos_token_id
+    assert np.array_equal(~shard.mask_BT, shard.tokens_BT == eot) and (~shard.mask_BT).any()
+    assert torch.equal(splice_forward(model, ids_BT, 2, lambda h: h), out.logits)
