@@ -101,7 +101,9 @@ else:
         frame = getattr(ap, query)(root)
     n = frame.collect(engine="streaming").height
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM (not ru_maxrss, which keeps the forking parent's size across exec)
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+peak = int(status[0]) * 1024
 print(json.dumps({{"seconds": seconds, "peak_bytes": peak, "rows": n}}))
 """
 
@@ -123,6 +125,59 @@ def table_bytes(root: Path) -> tuple[int, int]:
     return sum(pq.read_metadata(f).num_rows for f in files), sum(f.stat().st_size for f in files)
 
 
+LAYOUTS = {
+    # name: (column types, compression, dictionary columns, column encodings, mantissa bits)
+    "naive int64/float64, uncompressed": (("int64",) * 4 + ("float64",), "none", False, None, 23),
+    "naive int64/float64, snappy": (("int64",) * 4 + ("float64",), "snappy", False, None, 23),
+    "small ints, float32 exact, zstd": (("int32", "int16", "int16", "int32", "float32"),
+                                        "zstd", ["seq_id", "pos", "layer"], None, 23),
+    "+ BYTE_STREAM_SPLIT value": (("int32", "int16", "int16", "int32", "float32"), "zstd",
+                                  ["seq_id", "pos", "layer"], {"value": "BYTE_STREAM_SPLIT"}, 23),
+    "+ 10-bit mantissa (chosen)": (("int32", "int16", "int16", "int32", "float32"), "zstd",
+                                   ["seq_id", "pos", "layer"], {"value": "BYTE_STREAM_SPLIT"}, 10),
+}
+
+
+def compare_layouts(root: Path) -> None:
+    """Rewrite one latents table in several layouts: bytes per row per column, scan rows/s."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlsae.warehouse import quantize_values
+
+    files = sorted((root / "latents").glob("*/*.parquet"))
+    data = pq.ParquetDataset(files).read().drop_columns(["sae_id"])
+    n = data.num_rows
+    # the stored values are already rounded: draw fresh exact ones from the same distribution
+    exact = np.random.default_rng(1).lognormal(-0.5, 1.0, n).astype(np.float32)
+    data = data.set_column(4, "value", pa.array(exact))
+    columns = ["seq_id", "pos", "layer", "latent", "value"]
+    print(f"  layouts ({n:,} rows; sae_id is a one-entry dictionary, ~0 bytes, left out):")
+    for name, (types, codec, dictionary, encoding, bits) in LAYOUTS.items():
+        arrays = [data[c].combine_chunks() for c in columns]
+        arrays[4] = pa.array(quantize_values(arrays[4].to_numpy(), bits))
+        table = pa.table([a.cast(t) for a, t in zip(arrays, types, strict=True)], names=columns)
+        path = root / "layout.parquet.tmp"
+        pq.write_table(table, path, compression=codec, use_dictionary=dictionary,
+                       column_encoding=encoding, row_group_size=1 << 20)
+        meta = pq.read_metadata(path)
+        per_column = {c: sum(meta.row_group(g).column(i).total_compressed_size
+                             for g in range(meta.num_row_groups)) / n
+                      for i, c in enumerate(columns)}
+        con = duckdb.connect()
+        con.execute("SET threads = 2")
+        scan = f"SELECT count(*), sum(value) FROM read_parquet('{path}')"
+        con.execute(scan).fetchall()
+        t0 = time.perf_counter()
+        con.execute(scan).fetchall()
+        seconds = time.perf_counter() - t0
+        print(f"    {name:33s} {path.stat().st_size / n:5.2f} B/row  "
+              + " ".join(f"{c} {b:.2f}" for c, b in per_column.items())
+              + f"  | scan {n / seconds / 1e6:5.0f} M rows/s", flush=True)
+        path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="10M,100M", help="comma-separated sizes (e.g. 10M,100M)")
@@ -131,6 +186,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-limit", default="16GB", help="DuckDB memory_limit")
     parser.add_argument("--repeat", type=int, default=1, help="runs per query (best is kept)")
+    parser.add_argument("--layouts", action="store_true",
+                        help="also compare storage layouts on the first size")
     args = parser.parse_args()
 
     results = []
@@ -142,6 +199,8 @@ def main() -> None:
         n_rows, n_bytes = table_bytes(root)
         print(f"  latents: {n_rows:,} rows, {n_bytes / 2**20:,.1f} MiB, "
               f"{n_bytes / n_rows:.2f} bytes/row", flush=True)
+        if args.layouts and size == args.rows.split(",")[0]:
+            compare_layouts(root)
         for engine in args.engines.split(","):
             run_query(engine, "bare", root, args.threads, args.memory_limit)  # warm page cache
             timings = {}

@@ -436,7 +436,7 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
     from mlsae.data import load_sequences, special_token_mask
     from mlsae.hooks import capture_residuals
     from mlsae.models import resolve_device
-    from mlsae.sae import MLSAE
+    from mlsae.sae.model import MLSAE
 
     config = config or LatentLogConfig()
     sae_dir = Path(sae_dir)
