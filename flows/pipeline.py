@@ -48,13 +48,12 @@ class PipelineResult(TypedDict):
 
 
 def resolve_out(out: str | Path | None) -> Path:
-    """The warehouse directory: `out`, else $MLSAE_HOME, else ./mlsae-data (absolute)."""
+    """The warehouse directory: `out`, else $MLSAE_HOME, else ./mlsae-data (absolute).
+    Created only once the parameters are valid."""
     from mlsae.paths import default_warehouse
 
     path = Path(out).expanduser() if out else default_warehouse()
-    path = path.resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return path.resolve()
 
 
 def bind_tasks(out: Path, refresh: bool = False) -> dict[str, Any]:
@@ -162,6 +161,7 @@ def pipeline(
         model=model, data=data, expansion_factors=list(expansion_factors), ks=list(ks),
         layers=layers, lens=lens, baselines=baselines, train_tokens=train_tokens,
         eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if ensure_gpu_limit() is not None:
         run_logger().info("GPU work is limited by the 'mlsae-gpu' concurrency limit")
     figures, analyses = submit_model(plan, out_dir, bind_tasks(out_dir, refresh))

@@ -16,6 +16,7 @@ Idempotent: a second run with nothing new finds every model done and does nothin
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -152,6 +153,23 @@ def in_flight_models() -> set[str]:
     return {normalise_model_name(run.parameters.get("model")) for run in runs}
 
 
+def wait_for_runs(runs: list[tuple[str, Any]], poll_s: float = 5.0) -> dict[str, Any]:
+    """Final states of flow runs started with run_deployment(timeout=0), by model name."""
+    from prefect.client.orchestration import get_client
+
+    pending, final = dict(runs), {}
+    with get_client(sync_client=True) as client:
+        while pending:
+            for name, run in list(pending.items()):
+                state = client.read_flow_run(run.id).state
+                if state is not None and state.is_final():
+                    final[name] = state
+                    del pending[name]
+            if pending:
+                time.sleep(poll_s)
+    return final
+
+
 def pipeline_parameters(entry: RegistryEntry, out: Path) -> dict[str, Any]:
     params = dict(entry.get("parameters") or {})
     params.pop("out", None)
@@ -198,7 +216,6 @@ def rerun(registry: str = DEFAULT_REGISTRY, variable: str = REGISTRY_VARIABLE,
 
     if use_deployment:
         from prefect.deployments import run_deployment
-        from prefect.flow_runs import wait_for_flow_run
 
         busy = in_flight_models()
         runs = []
@@ -213,9 +230,9 @@ def rerun(registry: str = DEFAULT_REGISTRY, variable: str = REGISTRY_VARIABLE,
             result["started"].append(name)
             runs.append((name, run))
         if wait:
-            for name, run in runs:
-                final = wait_for_flow_run(run.id, timeout=None, log_states=True)
-                if not final.state or not final.state.is_completed():
+            for name, state in wait_for_runs(runs).items():
+                logger.info("%s: pipeline run ended %s", name, state.name)
+                if not state.is_completed():
                     result["failed"].append(name)
     else:
         for name, entry in sorted(todo.items()):

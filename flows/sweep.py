@@ -16,7 +16,7 @@ default), so concurrent configs queue for a GPU instead of sharing its memory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from prefect import flow
 
@@ -69,7 +69,7 @@ def make_task_runner(kind: str, max_workers: int, address: str | None = None):
 
 
 @flow(name="mlsae-sweep-grid")
-def run_grid(plans: list[PipelinePlan], out: str, refresh: bool = False) -> SweepResult:
+def run_grid(plans: list[dict[str, Any]], out: str, refresh: bool = False) -> SweepResult:
     """Submit every model's task graph at once; the task runner decides what runs together."""
     out_dir = Path(out)
     steps = bind_tasks(out_dir, refresh)
@@ -136,6 +136,7 @@ def sweep(
         problems.append(str(err))
     if problems:
         raise InvalidParameters("invalid sweep parameters:\n" + "\n".join(problems))
+    out_dir.mkdir(parents=True, exist_ok=True)
     slots = ensure_gpu_limit(gpu_slots)
     n_saes = sum(len(p["specs"]) for p in plans)
     run_logger().info("sweep: %d model(s), %d autoencoders, task runner %s (%d workers)%s",

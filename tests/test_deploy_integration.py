@@ -123,6 +123,17 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
         run = wait_for(server, run_id, timeout_s=120)
         assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
         assert len(runs_of(server, pipeline_deployment)) == runs_before + 1
+        assert wait_for_log(server, run_id, "nothing to do")
+
+
+def wait_for_log(server: PrefectServer, run_id: str, text: str, timeout_s: float = 15) -> bool:
+    """Logs reach the API in batches, possibly after the run's final state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         logs = server.api("POST", "logs/filter",
                           {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
-        assert any("nothing to do" in entry["message"] for entry in logs), json.dumps(logs)[:2000]
+        if any(text in entry["message"] for entry in logs):
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {text!r}: {json.dumps(logs)[:2000]}")
+        time.sleep(1.0)

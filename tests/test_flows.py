@@ -1,0 +1,296 @@
+"""The flows on a real temporary Prefect server (prefect_test_harness), embedded model,
+small budgets: every table, view and figure; caching; validation before compute;
+rerun idempotency; the sweep; and a run killed mid-training that resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_flows_support import (
+    EXPECTED_TABLES,
+    EXPECTED_VIEWS,
+    MLSAE_FIGURES,
+    MODEL_FIGURES,
+    SMALL,
+    embedded_model_ready,
+    save_tiny_model,
+    snapshot,
+    table_rows,
+)
+
+pytestmark = [
+    pytest.mark.skipif(not embedded_model_ready(), reason="the embedded model is not trained yet"),
+    pytest.mark.timeout(300),
+]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect server (own PREFECT_HOME and database) for this module."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home)}), \
+            prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tmp_path_factory):
+    """One pipeline run on the embedded model (MLSAE + a single-layer SAE per layer)."""
+    from flows.pipeline import pipeline
+
+    out = tmp_path_factory.mktemp("warehouse")
+    result = pipeline(model="embedded", data="embedded", **SMALL, out=str(out))
+    return out, result
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.state.name for run in runs}
+
+
+def test_pipeline_writes_every_table_view_and_figure(first_run):
+    out, result = first_run
+    assert len(result["mlsae_ids"]) == 1
+    mlsae_id = result["mlsae_ids"][0]
+    assert len(result["sae_ids"]) == 1 + 6  # the MLSAE + one baseline per block
+    for table in EXPECTED_TABLES:
+        assert table_rows(out, f"SELECT count(*) FROM {table}")[0][0] > 0, table
+    for view in EXPECTED_VIEWS:
+        assert table_rows(out, f"SELECT count(*) FROM {view} WHERE sae_id = '{mlsae_id}'")[0][0] > 0
+    # Baselines: weights, saes rows and metrics, but no latent tables.
+    n_saes, n_metric_saes = table_rows(
+        out, "SELECT count(*), (SELECT count(DISTINCT sae_id) FROM layer_metrics) FROM saes")[0]
+    assert n_saes == n_metric_saes == 7
+    assert table_rows(out, "SELECT count(DISTINCT sae_id) FROM latents")[0][0] == 1
+    (layers,), = table_rows(out, f"SELECT layers FROM saes WHERE sae_id = '{mlsae_id}'")
+    assert list(layers) == list(range(6))
+    for sae_id in result["sae_ids"]:
+        assert (out / "autoencoders" / sae_id / "sae" / "config.json").exists() or any(
+            (out / "autoencoders" / sae_id).rglob("config.json"))
+    figures = {Path(p).name for p in result["figures"]}
+    assert set(MLSAE_FIGURES) | set(MODEL_FIGURES) <= figures
+    for path in result["figures"]:
+        assert Path(path).stat().st_size > 5_000, path
+    assert result["variance_summary"][0]["n_live"] > 0
+
+
+def test_second_identical_run_hits_the_caches_and_writes_nothing(first_run):
+    from flows.pipeline import pipeline
+
+    out, _ = first_run
+    before = snapshot(out)
+    state = pipeline(model="embedded", data="embedded", **SMALL, out=str(out), return_state=True)
+    assert state.is_completed()
+    states = task_states(state.state_details.flow_run_id)
+    work = {name: s for name, s in states.items() if not name.startswith("validate-parameters")}
+    assert work and set(work.values()) == {"Cached"}, states
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"model": "no/such/model/dir"}, "does not exist"),
+    ({"ks": [100_000]}, "k=100000 > n_latents=512"),
+    ({"layers": [0, 9]}, "layers [9] do not exist"),
+])
+def test_bad_parameters_fail_the_run_before_any_compute(prefect_api, tmp_path, bad, message):
+    from flows.pipeline import pipeline
+
+    out = tmp_path / "warehouse"
+    params = {"model": "embedded", **SMALL, "out": str(out), **bad}
+    start = time.perf_counter()
+    state = pipeline(**params, return_state=True)
+    assert state.is_failed()
+    assert "invalid parameters" in state.message and message in state.message, state.message
+    assert not out.exists(), "nothing may be computed or written for invalid parameters"
+    assert time.perf_counter() - start < 30
+
+
+def test_rerun_gives_only_new_models_the_pipeline_and_is_idempotent(first_run, tmp_path):
+    from flows.rerun import rerun
+
+    out, _ = first_run
+    tiny = save_tiny_model(tmp_path / "tiny")
+    registry = tmp_path / "models.yaml"
+    params = {**SMALL, "baselines": False}
+    registry.write_text(yaml.safe_dump({"models": [
+        {"model": "embedded", "parameters": params}, {"model": str(tiny), "parameters": params}]}))
+    result = rerun(registry=str(registry), variable="", out=str(out))
+    assert result["mode"] == "subflow"
+    assert result["done_before"] == ["embedded"] and result["started"] == [str(tiny)]
+    assert str(tiny) in {row[0] for row in table_rows(out, "SELECT model FROM saes")}
+    again = rerun(registry=str(registry), variable="", out=str(out))
+    assert again["started"] == [] and sorted(again["done_before"]) == sorted(["embedded", str(tiny)])
+
+
+def test_sweep_runs_the_grid_with_a_thread_pool(first_run):
+    from flows.sweep import sweep
+
+    out, first = first_run
+    result = sweep(models=["embedded"], expansion_factors=[2], ks=[4, 8], lenses=[False],
+                   baselines=False, train_tokens=SMALL["train_tokens"],
+                   eval_tokens=SMALL["eval_tokens"], seq_len=SMALL["seq_len"],
+                   task_runner="thread", max_workers=2, out=str(out))
+    (run,) = result["runs"]
+    assert len(run["mlsae_ids"]) == 2
+    assert first["mlsae_ids"][0] in run["mlsae_ids"]  # same config, same id: reused
+    assert {row["sae_id"] for row in run["variance_summary"]} == set(run["mlsae_ids"])
+    assert all(Path(p).exists() for p in result["figures"])
+
+
+# -- a run killed in the middle of training --------------------------------------------------
+
+RESUME = ["--expansion-factor", "2", "-k", "4", "--train-tokens", "65536", "--eval-tokens", "512",
+          "--seq-len", "64", "--no-baselines"]
+
+
+def _mlsae(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(sys.executable).with_name("mlsae")), "run", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "autoencoders"
+    return [p for p in root.rglob("*") if "checkpoint" in p.name] if root.exists() else []
+
+
+def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefect_api, tmp_path):
+    from flows.pipeline import pipeline
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1"}
+    killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
+    proc = _mlsae([*RESUME, "--out", str(killed_out)], env)
+    deadline = time.monotonic() + 180
+    while not _checkpoints(killed_out):
+        assert proc.poll() is None, f"run ended before a checkpoint:\n{proc.communicate()[0]}"
+        assert time.monotonic() < deadline, "no training checkpoint within 180 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # like `kill -9` / a lost machine, mid-training
+    proc.wait(timeout=30)
+    assert not list((killed_out / "autoencoders").rglob("model.safetensors")) or not (
+        killed_out / "latents").exists()
+
+    rerun = _mlsae([*RESUME, "--out", str(killed_out)], env)
+    output, _ = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, output
+    assert "continued from the checkpoint" in output, output
+
+    pipeline(model="embedded", expansion_factors=[2], ks=[4], train_tokens=65536,
+             eval_tokens=512, seq_len=64, baselines=False, out=str(clean_out))
+    query = ("SELECT sae_id, seq_id, pos, layer, latent, value FROM latents "
+             "ORDER BY ALL")
+    assert table_rows(killed_out, query) == table_rows(clean_out, query)
+    metrics = "SELECT sae_id, layer, fvu, mse, l0, delta_ce, kl FROM layer_metrics ORDER BY ALL"
+    assert table_rows(killed_out, metrics) == table_rows(clean_out, metrics)
+
+
+# -- fast checks without a server ----------------------------------------------------------------
+
+
+def test_prefect_yaml_parameters_match_the_flows():
+    import inspect
+
+    from flows.cmd_deploy import REPO_ROOT
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    names = set()
+    for deployment in spec["deployments"]:
+        module, func = deployment["entrypoint"].split(":")
+        flow = getattr(__import__(module.removesuffix(".py").replace("/", "."), fromlist=[func]),
+                       func)
+        params = inspect.signature(flow.fn).parameters
+        assert set(deployment["parameters"]) <= set(params), deployment["name"]
+        assert deployment["work_pool"]["name"] == "mlsae-process"
+        names.add(flow.name)
+    assert names == {"mlsae-pipeline", "mlsae-sweep", "mlsae-rerun"}
+    (rerun,) = [d for d in spec["deployments"] if d["entrypoint"].startswith("flows/rerun")]
+    assert rerun["schedules"][0]["cron"]
+
+
+def test_render_prefect_file_fills_pool_out_and_schedule(tmp_path):
+    from flows.cmd_deploy import REPO_ROOT, render_prefect_file
+
+    target = tmp_path / "prefect.yaml"
+    render_prefect_file(REPO_ROOT / "prefect.yaml", "gpu", tmp_path / "wh", False, target)
+    spec = yaml.safe_load(target.read_text())
+    for deployment in spec["deployments"]:
+        assert deployment["work_pool"]["name"] == "gpu"
+        assert deployment["parameters"]["out"] == str(tmp_path / "wh")
+        assert all(not s["active"] for s in deployment.get("schedules") or [])
+
+
+def test_only_transient_failures_are_retried():
+    from tasks.common import is_transient
+
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError("read timed out"))
+    try:
+        try:
+            raise ConnectionError("reset")
+        except ConnectionError as inner:
+            raise RuntimeError("download failed") from inner
+    except RuntimeError as outer:
+        assert is_transient(outer)
+    assert not is_transient(ValueError("k > n_latents"))
+    assert not is_transient(FileNotFoundError("no such model"))
+    assert not is_transient(MemoryError())
+
+
+def test_registry_entries_are_checked(tmp_path):
+    from flows.rerun import read_registry
+    from tasks.validate import InvalidParameters
+
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  - data: embedded\n")
+    with pytest.raises(InvalidParameters, match="needs a `model`"):
+        read_registry(str(path))
+    path.write_text("models:\n  - model: embedded\n    ks: [4]\n")
+    with pytest.raises(InvalidParameters, match="under `parameters:`"):
+        read_registry(str(path))
+    path.write_text("models:\n  - embedded\n  - model: /x\n    parameters: {ks: [4]}\n")
+    assert [e["model"] for e in read_registry(str(path))] == ["embedded", "/x"]
+    with pytest.raises(InvalidParameters, match="does not exist"):
+        read_registry(str(tmp_path / "missing.yaml"))
+
+
+def test_task_runner_choices():
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.sweep import make_task_runner
+    from tasks.validate import InvalidParameters
+
+    assert isinstance(make_task_runner("thread", 3), ThreadPoolTaskRunner)
+    with pytest.raises(InvalidParameters, match="unknown task_runner"):
+        make_task_runner("celery", 2)
+
+
+def test_commands_have_help_a_newcomer_can_follow():
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    runner = CliRunner()
+    for command, words in [("run", ["--model", "--lens", "--train-tokens", "--out", "Examples"]),
+                           ("sweep", ["--task-runner", "--max-workers", "--gpu-slots"]),
+                           ("deploy", ["prefect server start", "prefect worker start", "--pool"])]:
+        result = runner.invoke(main, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        for word in words:
+            assert word in result.output, (command, word)
