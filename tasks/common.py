@@ -27,6 +27,20 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
 
+
+def _quiet_progress_bars() -> None:
+    """transformers' weight-loading bars would interleave with the run log, which already
+    carries mlsae's own progress lines (tokens/s, ETA)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+_quiet_progress_bars()
+
 RESULTS_SUBDIR = Path(".prefect") / "results"
 GPU_LIMIT = "mlsae-gpu"
 """Global concurrency limit every GPU-bound task takes one slot of (see ensure_gpu_limit)."""

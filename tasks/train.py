@@ -35,14 +35,6 @@ def autoencoder_dir(out: str, sae_id: str) -> Path:
     return Path(out) / "autoencoders" / sae_id
 
 
-def _field(result: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(result, name, None)
-        if value is not None:
-            return value
-    return default
-
-
 @task(name="train-autoencoder", cache_policy=CACHE_POLICY)
 def train_autoencoder(spec: dict[str, Any], model: dict[str, Any], data: str,
                       cache: CacheManifest, lens: LensManifest | None, train_tokens: int,
@@ -66,13 +58,13 @@ def train_autoencoder(spec: dict[str, Any], model: dict[str, Any], data: str,
     start = time.perf_counter()
     with gpu_slot(device):
         result = train_sae(cfg, ActivationCache.open(cache["cache_dir"]), run_dir, basis=basis,
-                           log=progress_log())
-    resumed = int(_field(result, "resumed_from_step", "resumed_from", default=0) or 0)
-    if resumed:
-        logger.info("%s: continued from the checkpoint at step %d", spec["sae_id"], resumed)
+                           progress_log=progress_log())
+    if result.resumed_from_step:
+        logger.info("%s: continued from the checkpoint at step %d of %d", spec["sae_id"],
+                    result.resumed_from_step, cfg.n_steps)
+    last = result.history[-1] if result.history else {}
     return TrainManifest(
-        sae_id=spec["sae_id"], sae_dir=str(_field(result, "sae_dir", default=run_dir / "sae")),
-        run_dir=str(run_dir), role=spec["role"], layers=list(spec["layers"]),
-        train_tokens=train_tokens, steps=int(_field(result, "steps", "step", default=0)),
-        resumed_from_step=resumed, final_fvu=_field(result, "final_fvu", "fvu"),
-        seconds=round(time.perf_counter() - start, 2))
+        sae_id=spec["sae_id"], sae_dir=str(result.sae_dir), run_dir=str(run_dir),
+        role=spec["role"], layers=list(spec["layers"]), train_tokens=train_tokens,
+        steps=result.steps, resumed_from_step=result.resumed_from_step,
+        final_fvu=last.get("fvu"), seconds=round(time.perf_counter() - start, 2))
