@@ -35,12 +35,12 @@ def parse_layers(text: str | None) -> list[int] | None:
                                  "or 'all'", param_hint="--layers") from err
 
 
-def print_outputs(result: dict, seconds: float) -> None:
+def print_outputs(result: dict, seconds: float | None, examples: bool = True) -> None:
     """Where the tables and figures are, and three queries to try."""
-    from tasks.analyse import EXAMPLE_QUERIES
-
     out = result["out"]
-    click.echo(f"\nDone in {seconds / 60:.1f} min. Warehouse: {out}")
+    if seconds is not None:
+        click.echo(f"\nDone in {seconds / 60:.1f} min.")
+    click.echo(f"\n{result['model']} -> warehouse {out}")
     click.echo("  tables (Parquet): " + ", ".join(
         f"{name} ({path})" for name, path in result["tables"].items()))
     click.echo("  views: latent_layers, latent_stats, variance_summary, latent_heatmap, "
@@ -54,8 +54,15 @@ def print_outputs(result: dict, seconds: float) -> None:
         click.echo(f"  {row['sae_id']}: {row.get('n_live')} live latents; aggregate layer "
                    f"variance = {ratio:.3g} x the per-token one" if ratio else
                    f"  {row['sae_id']}: {row.get('n_live')} live latents")
-    out_opt = "" if Path(out) == Path("mlsae-data").resolve() and not os.environ.get(
-        "MLSAE_HOME") else f" --out {out}"
+    if examples:
+        print_example_queries(out)
+
+
+def print_example_queries(out: str) -> None:
+    from mlsae.paths import default_warehouse
+    from tasks.analyse import EXAMPLE_QUERIES
+
+    out_opt = "" if Path(out) == default_warehouse().resolve() else f" --out {out}"
     click.echo("\nTry:")
     for what, sql in EXAMPLE_QUERIES:
         click.echo(f"  # {what}\n  mlsae sql{out_opt} \"{sql}\"")

@@ -58,7 +58,7 @@ def command(models, data, expansion_factors, ks, lens, layers, baselines, train_
     extracted once; GPU steps queue on the `mlsae-gpu` concurrency limit.
     """
     prefect_defaults()
-    from flows.cmd_run import print_outputs
+    from flows.cmd_run import print_example_queries, print_outputs
     from flows.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, DEFAULT_TRAIN_TOKENS
     from flows.sweep import sweep
     from tasks.validate import InvalidParameters
@@ -77,8 +77,9 @@ def command(models, data, expansion_factors, ks, lens, layers, baselines, train_
             out=str(out) if out else None, refresh=refresh)
     except InvalidParameters as err:
         raise click.ClickException(str(err)) from err
-    seconds = time.perf_counter() - start
+    click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")
     for run in result["runs"]:
-        print_outputs(run, seconds)
+        print_outputs(run, None, examples=False)
     if result["figures"]:
         click.echo("\nSweep figures:\n" + "\n".join(f"  {p}" for p in result["figures"]))
+    print_example_queries(result["out"])

@@ -27,7 +27,7 @@ EXAMPLE_QUERIES = [
     ("per-layer reconstruction and downstream loss",
      "SELECT sae_id, layer, fvu, delta_ce, l0 FROM layer_metrics ORDER BY sae_id, layer"),
     ("latents that live at several layers",
-     "SELECT latent, expected_layer, layer_std, count FROM latent_stats "
+     "SELECT sae_id, latent, expected_layer, layer_std, count FROM latent_stats "
      "ORDER BY layer_std DESC LIMIT 10"),
 ]
 

@@ -331,3 +331,12 @@ def test_gpu_slots_keep_two_tasks_off_one_gpu(prefect_api, monkeypatch):
     for t in threads:
         t.join(timeout=60)
     assert overlaps == [1, 1], f"two tasks held {GPU_LIMIT!r} at once"
+
+
+def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path)  # a fresh profile: no PREFECT_API_URL anywhere
+    result = subprocess.run([str(Path(sys.executable).with_name("mlsae")), "deploy"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "prefect server start" in result.stderr and "PREFECT_API_URL" in result.stderr
