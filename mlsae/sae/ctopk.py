@@ -200,7 +200,9 @@ def topk(pre_NM: Tensor, k: int, threads: int | None = None) -> tuple[Tensor, Te
     n, m = pre_NM.shape
     vals_NK = torch.empty(n, k, dtype=torch.float32)
     idx_NK = torch.empty(n, k, dtype=torch.int64)
-    threads = max(1, min(threads or torch.get_num_threads(), n))
+    if threads is None:  # small inputs: a second thread costs more than it saves
+        threads = torch.get_num_threads() if n * m >= 1 << 20 else 1
+    threads = max(1, min(threads, n))
     bufs = [(torch.empty(m + 16, dtype=torch.float32), torch.empty(m + 16, dtype=torch.int32))
             for _ in range(threads)]
     fn = _library().mlsae_topk_rows

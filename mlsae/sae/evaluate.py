@@ -1,0 +1,238 @@
+"""Per-layer evaluation of an SAE on held-out text (SPEC 4).
+
+For each layer l of the SAE and the whole evaluation set (sums first, ratios at the
+end, never means of per-batch ratios), in the MODEL's basis (reconstructions made
+in a lens basis are mapped back with basis.from_sae first):
+
+- fvu      = sum ||x - x_hat||^2 / sum ||x - mean x||^2  (mean over the eval tokens of l)
+- mse      = sum ||x - x_hat||^2 / (tokens * d_model)     (per element)
+- l0       = mean number of latents above act_threshold per token
+- dead_fraction = fraction of latents that never exceed act_threshold at layer l
+- delta_ce = CE(spliced) - CE(clean), next-token loss averaged over predicting positions
+- kl       = mean over predicting positions of KL(p_clean || p_spliced)
+
+"Spliced": the model run with block l's output replaced by its reconstruction, one
+layer at a time. Special tokens are excluded everywhere: they are neither
+reconstructed (their hidden state passes through unchanged) nor counted; a
+position t counts for CE/KL when its input token is unmasked and t < T - 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mlsae.progress import Progress
+from mlsae.sae.model import MLSAE
+
+
+class LayerMetrics(NamedTuple):
+    layer: int
+    """Block index (-1 for the mean over layers)."""
+    fvu: float
+    mse: float
+    l0: float
+    dead_fraction: float
+    delta_ce: float
+    """NaN when splicing was not run."""
+    kl: float
+    """NaN when splicing was not run."""
+
+
+class CeKlSums(NamedTuple):
+    ce_clean: float
+    ce_spliced: float
+    kl: float
+    count: int
+
+
+def next_token_ce_kl(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, tokens_BT: Tensor,
+                     count_BT: Tensor) -> CeKlSums:
+    """Sums over positions t < T-1 with count_BT[:, t] of CE(clean), CE(spliced), KL(clean||spliced)."""
+    lp_c = torch.log_softmax(logits_clean_BTV[:, :-1].float(), dim=-1)
+    lp_s = torch.log_softmax(logits_spliced_BTV[:, :-1].float(), dim=-1)
+    target = tokens_BT[:, 1:].to(lp_c.device, torch.long).unsqueeze(-1)
+    w = count_BT[:, :-1].to(lp_c.device, torch.float64)
+    ce_c = -lp_c.gather(-1, target).squeeze(-1).double()
+    ce_s = -lp_s.gather(-1, target).squeeze(-1).double()
+    kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1).double()
+    return CeKlSums(float((ce_c * w).sum()), float((ce_s * w).sum()), float((kl * w).sum()),
+                    int(w.sum()))
+
+
+class LayerAccumulator:
+    """Float64 running sums for one layer's reconstruction and splicing metrics."""
+
+    def __init__(self, layer: int, d_model: int, n_latents: int, act_threshold: float):
+        self.layer, self.d_model, self.act_threshold = layer, d_model, act_threshold
+        self.n = 0
+        self.sum_x_D = torch.zeros(d_model, dtype=torch.float64)
+        self.sum_x2 = 0.0
+        self.sse = 0.0
+        self.active = 0.0
+        self.fired_M = torch.zeros(n_latents, dtype=torch.bool)
+        self.ce_clean = self.ce_spliced = self.kl = 0.0
+        self.n_pred = 0
+
+    @torch.no_grad()
+    def add_reconstruction(self, x_ND: Tensor, x_hat_ND: Tensor, top_acts_NK: Tensor,
+                           top_idx_NK: Tensor) -> None:
+        x64 = x_ND.double()
+        self.n += x_ND.shape[0]
+        self.sum_x_D += x64.sum(0).cpu()
+        self.sum_x2 += float(x64.pow(2).sum())
+        self.sse += float((x64 - x_hat_ND.double()).pow(2).sum())
+        on = top_acts_NK > self.act_threshold
+        self.active += float(on.sum())
+        self.fired_M[top_idx_NK[on].cpu()] = True
+
+    def add_ce_kl(self, sums: CeKlSums) -> None:
+        self.ce_clean += sums.ce_clean
+        self.ce_spliced += sums.ce_spliced
+        self.kl += sums.kl
+        self.n_pred += sums.count
+
+    def result(self) -> LayerMetrics:
+        n = max(self.n, 1)
+        total_var = self.sum_x2 - float(self.sum_x_D.pow(2).sum()) / n
+        nan = float("nan")
+        return LayerMetrics(
+            layer=self.layer,
+            fvu=self.sse / total_var if total_var > 0 else nan,
+            mse=self.sse / (n * self.d_model),
+            l0=self.active / n,
+            dead_fraction=1.0 - float(self.fired_M.float().mean()),
+            delta_ce=(self.ce_spliced - self.ce_clean) / self.n_pred if self.n_pred else nan,
+            kl=self.kl / self.n_pred if self.n_pred else nan,
+        )
+
+
+def mean_over_layers(metrics: Sequence[LayerMetrics]) -> LayerMetrics:
+    """The unweighted mean of each metric over layers, as a LayerMetrics with layer = -1."""
+    cols = list(zip(*metrics, strict=True))[1:]
+    return LayerMetrics(-1, *(float(np.mean(c)) for c in cols))
+
+
+@torch.no_grad()
+def reconstruct(sae: MLSAE, x_ND: Tensor, layer: int, basis: Any = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_hat in the model's basis, top_acts_NK, top_idx_NK) for rows of block `layer`."""
+    dtype = sae.W_enc_MD.dtype
+    x = x_ND.to(dtype)
+    if basis is not None:
+        x = basis.to_sae(x, layer).to(dtype)
+    out = sae(x)
+    x_hat = out.x_hat_ND
+    if basis is not None:
+        x_hat = basis.from_sae(x_hat, layer).to(dtype)
+    return x_hat, out.top_acts_NK, out.top_idx_NK
+
+
+def _check_split(data: Any) -> None:
+    if getattr(data, "split", "test") != "test":
+        raise ValueError(f"evaluation must use held-out text, but data.split is {data.split!r}: "
+                         "pass DataConfig(split='test', ...)")
+
+
+@torch.no_grad()
+def evaluate_sae(sae: MLSAE, loaded: Any, data: Any, basis: Any = None, *,
+                 batch_size: int = 8, max_tokens: int | None = None, splice: bool = True,
+                 progress_log: Callable[[str], None] | None = None) -> list[LayerMetrics]:
+    """Metrics per SAE layer on the held-out split `data` (a DataConfig with split="test").
+
+    loaded: a LoadedModel (mlsae.models). The SAE is moved to the model's device.
+    max_tokens: evaluate on the first ceil(max_tokens / seq_len) sequences (None: all).
+    splice=False skips the spliced forward passes (delta_ce and kl are then NaN).
+    Use mean_over_layers(result) for the averages.
+    """
+    from mlsae.data import load_sequences, special_token_mask
+    from mlsae.hooks import capture_residuals, check_layers, splice_forward
+
+    _check_split(data)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    layers = check_layers(model, sae.cfg.layers)
+    device = next(model.parameters()).device
+    sae.to(device).eval()
+    seqs = load_sequences(data, tokenizer)
+    tokens_BT = np.asarray(seqs.tokens_BT)
+    if max_tokens is not None:
+        tokens_BT = tokens_BT[: max(1, math.ceil(max_tokens / tokens_BT.shape[1]))]
+    mask_BT = np.asarray(special_token_mask(tokens_BT, tokenizer), dtype=bool)
+    if not mask_BT.any():
+        raise ValueError("the evaluation data has no unmasked tokens: check data.source")
+    cfg = sae.cfg
+    accs = {layer: LayerAccumulator(layer, cfg.d_model, cfg.n_latents, cfg.act_threshold)
+            for layer in layers}
+    progress = Progress("evaluate sae", total=float(mask_BT.sum()), unit="tokens",
+                        log=progress_log)
+    for b0 in range(0, tokens_BT.shape[0], batch_size):
+        ids = torch.as_tensor(tokens_BT[b0:b0 + batch_size], dtype=torch.long, device=device)
+        mask = torch.as_tensor(mask_BT[b0:b0 + batch_size], device=device)
+        if not bool(mask.any()):
+            continue
+        if not splice:
+            x_BTLD = capture_residuals(model, ids, layers)
+            for i, layer in enumerate(layers):
+                x_ND = x_BTLD[:, :, i][mask].float()
+                x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
+                accs[layer].add_reconstruction(x_ND, x_hat, acts, idx)
+        else:
+            clean = model(input_ids=ids, use_cache=False).logits
+            for layer in layers:
+                acc = accs[layer]
+
+                def replace(h_BTD: Tensor, acc=acc, layer=layer, mask=mask) -> Tensor:
+                    x_ND = h_BTD[mask].float()
+                    x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
+                    acc.add_reconstruction(x_ND, x_hat, acts, idx)
+                    out = h_BTD.clone()
+                    out[mask] = x_hat.to(h_BTD.dtype)
+                    return out
+
+                spliced = splice_forward(model, ids, layer, replace)
+                acc.add_ce_kl(next_token_ce_kl(clean, spliced, ids, mask))
+        progress.update(float(mask.sum()))
+    result = [accs[layer].result() for layer in layers]
+    mean = mean_over_layers(result)
+    progress.close(fvu=mean.fvu, delta_ce=mean.delta_ce, kl=mean.kl)
+    return result
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: MLSAE, shards: Iterable, basis: Any = None, *,
+                           source_layers: Sequence[int] | None = None,
+                           device: str | torch.device | None = None) -> list[LayerMetrics]:
+    """FVU, MSE, L0 and dead fraction per layer on cached/streamed held-out activations.
+
+    shards: an ActivationCache (its iter_shards()) or an iterable of ShardArrays whose L
+    axis holds `source_layers` (default: the cache's layers, else the SAE's). No
+    splicing: delta_ce and kl are NaN. Use evaluate_sae for the full SPEC 4 set.
+    """
+    from mlsae.cache import ActivationCache
+
+    if isinstance(shards, ActivationCache):
+        source_layers = shards.manifest.layers
+        shards = shards.iter_shards()
+    cfg = sae.cfg
+    source_layers = list(source_layers if source_layers is not None else cfg.layers)
+    missing = [layer for layer in cfg.layers if layer not in source_layers]
+    if missing:
+        raise ValueError(f"the data lacks the SAE's layers {missing}: it holds {source_layers}")
+    device = torch.device(device) if device is not None else sae.W_enc_MD.device
+    sae.to(device).eval()
+    accs = {layer: LayerAccumulator(layer, cfg.d_model, cfg.n_latents, cfg.act_threshold)
+            for layer in cfg.layers}
+    for shard in shards:
+        mask = np.asarray(shard.mask_BT, dtype=bool)
+        for layer in cfg.layers:
+            pos = source_layers.index(layer)
+            x_ND = torch.from_numpy(np.asarray(shard.acts_BTLD[:, :, pos])[mask]).to(device)
+            x_ND = x_ND.float()
+            x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
+            accs[layer].add_reconstruction(x_ND, x_hat, acts, idx)
+    return [accs[layer].result() for layer in cfg.layers]
