@@ -1,0 +1,116 @@
+"""SAE training and SPEC 4 evaluation on real transformer forward passes.
+
+A small random GPT-NeoX with the embedded tokenizer always runs (the splicing
+wiring); the embedded model itself runs once its weights are committed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlsae.data import DataConfig
+from mlsae.extract import ExtractConfig, extract_to_cache, stream_activations
+from mlsae.models import LoadedModel, load_model
+from mlsae.paths import EMBEDDED_MODEL_DIR
+from mlsae.sae import SAEConfig, TrainConfig, evaluate_sae, mean_over_layers, train_sae
+from mlsae.sae import evaluate as ev
+from mlsae.sae.evaluate import reconstruction_metrics
+
+HAS_EMBEDDED = (EMBEDDED_MODEL_DIR / "model.safetensors").exists()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    """A random 2-block GPT-NeoX over the embedded tokenizer's vocabulary."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, rotary_pct=0.25)
+    return LoadedModel(GPTNeoXForCausalLM(cfg).eval(), tokenizer, "tiny")
+
+
+def test_streamed_training_and_spliced_evaluation_on_a_tiny_model(tiny_loaded, tmp_path,
+                                                                   monkeypatch):
+    data = DataConfig(split="train", seq_len=32)
+    stream = stream_activations(ExtractConfig(data=data, max_sequences=48, shard_sequences=8,
+                                              device="cpu"), loaded=tiny_loaded,
+                                log=lambda line: None)
+    cfg = TrainConfig(SAEConfig(d_model=32, n_layers=2, expansion_factor=4, k=8, k_aux=16,
+                                model="tiny"),
+                      train_tokens=64 * 20, batch_tokens=64, lr=2e-3, shuffle_tokens=256)
+    result = train_sae(cfg, stream, tmp_path / "run", progress_log=lambda line: None)
+    assert result.steps == 20 and not result.data_exhausted
+    test = DataConfig(split="test", seq_len=32)
+    with pytest.raises(ValueError, match="split='test'"):
+        evaluate_sae(result.sae, tiny_loaded, data)
+    metrics = evaluate_sae(result.sae, tiny_loaded, test, max_tokens=6 * 32, batch_size=4,
+                           progress_log=lambda line: None)
+    assert [m.layer for m in metrics] == [0, 1]
+    for m in metrics:
+        assert 0 < m.fvu < 1 and m.l0 <= 8 and 0 <= m.dead_fraction < 1
+        assert math.isfinite(m.delta_ce) and m.kl > 0
+    fast = evaluate_sae(result.sae, tiny_loaded, test, max_tokens=6 * 32, splice=False,
+                        progress_log=lambda line: None)
+    for a, b in zip(metrics, fast, strict=True):  # same reconstructions, no splicing
+        assert a.fvu == pytest.approx(b.fvu, rel=1e-5) and math.isnan(b.kl)
+    mean = mean_over_layers(metrics)
+    assert mean.fvu == pytest.approx((metrics[0].fvu + metrics[1].fvu) / 2)
+
+    # a perfect reconstruction splices in the clean hidden state: no CE change, no KL
+    def perfect(sae, x_ND, layer, basis=None):
+        acts = torch.ones(x_ND.shape[0], 1)
+        return x_ND.clone(), acts, torch.zeros(x_ND.shape[0], 1, dtype=torch.long)
+
+    monkeypatch.setattr(ev, "reconstruct", perfect)
+    exact = evaluate_sae(result.sae, tiny_loaded, test, max_tokens=4 * 32,
+                         progress_log=lambda line: None)
+    for m in exact:
+        assert m.fvu == 0 and m.delta_ce == pytest.approx(0, abs=1e-6)
+        assert m.kl == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not committed yet")
+def test_embedded_model_multi_and_single_layer_training_lower_held_out_fvu(tmp_path):
+    loaded = load_model(None, device="cpu")
+    n_layers = loaded.model.config.num_hidden_layers
+    d_model = loaded.model.config.hidden_size
+    cache = extract_to_cache(
+        ExtractConfig(data=DataConfig(split="train", max_sequences=40), batch_size=8,
+                      shard_sequences=20, device="cpu"),
+        tmp_path / "cache", loaded=loaded, log=lambda line: None)
+    held_out = list(stream_activations(
+        ExtractConfig(data=DataConfig(split="test", max_sequences=8), batch_size=8,
+                      shard_sequences=8, device="cpu"), loaded=loaded, log=lambda line: None))
+    sae_cfg = SAEConfig(d_model=d_model, n_layers=n_layers, expansion_factor=8, k=32,
+                        k_aux=256, dead_tokens=5000)
+    multi = train_sae(TrainConfig(sae_cfg, train_tokens=40 * 512, batch_tokens=512, lr=1e-3),
+                      cache, tmp_path / "multi", progress_log=lambda line: None)
+    fvu = reconstruction_metrics(multi.sae, held_out, source_layers=list(range(n_layers)))
+    assert len(fvu) == n_layers
+    assert mean_over_layers(fvu).fvu < 0.5, fvu  # "well below 1" after ~20k tokens
+    single_cfg = SAEConfig(d_model=d_model, n_layers=n_layers, layers=[3], expansion_factor=8,
+                           k=32, k_aux=256, dead_tokens=5000)
+    single = train_sae(TrainConfig(single_cfg, train_tokens=40 * 512, batch_tokens=512,
+                                   lr=1e-3), cache, tmp_path / "single",
+                       progress_log=lambda line: None)
+    (m_single,) = reconstruction_metrics(single.sae, held_out, source_layers=list(range(n_layers)))
+    assert m_single.layer == 3 and m_single.fvu < 0.5
+    metrics = evaluate_sae(multi.sae, loaded, DataConfig(split="test"), max_tokens=4 * 256,
+                           progress_log=lambda line: None)
+    assert [m.layer for m in metrics] == list(range(n_layers))
+    assert all(m.kl > 0 and math.isfinite(m.delta_ce) for m in metrics)
+    assert mean_over_layers(metrics).fvu < 0.6
