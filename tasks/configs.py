@@ -21,7 +21,7 @@ def sae_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str
     half the dictionary, and the dead-latent window (10M tokens) never exceeds a
     fifth of the training budget, so AuxK can revive latents in a short run too.
     """
-    from mlsae.sae.config import SAEConfig
+    from mlsae.sae import SAEConfig
 
     n_latents = spec["expansion_factor"] * model["d_model"]
     return SAEConfig(
@@ -37,7 +37,7 @@ def sae_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str
 def train_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str | None,
                  train_tokens: int, seed: int, device: str):
     """TrainConfig of one planned autoencoder: the budget, ~10 resume checkpoints per run."""
-    from mlsae.sae.config import TrainConfig
+    from mlsae.sae import TrainConfig
 
     batch_tokens = min(BATCH_TOKENS, train_tokens)
     n_steps = max(1, train_tokens // batch_tokens)

@@ -8,7 +8,7 @@ from typing import Any, TypedDict
 
 from prefect import task
 
-from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, run_logger
+from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, progress_log, run_logger
 from tasks.latents import LatentsManifest, eval_data
 from tasks.lens import LensManifest, load_lens
 from tasks.train import TrainManifest
@@ -53,14 +53,14 @@ def evaluate_autoencoder(trained: TrainManifest, logged: LatentsManifest | None,
     (then the `saes` row, if logging latents did not already)."""
     from mlsae.latents import sae_record_from_config, write_layer_metrics, write_sae_record
     from mlsae.models import load_model
-    from mlsae.sae.evaluate import evaluate_sae
-    from mlsae.sae.model import MLSAE
+    from mlsae.sae import MLSAE, evaluate_sae
 
     loaded = load_model(model, device=device)
     sae = MLSAE.from_pretrained(trained["sae_dir"]).to(next(loaded.model.parameters()).device)
     basis = load_lens(lens, loaded, out)
     with gpu_slot(device):
-        metrics = evaluate_sae(sae, loaded, eval_data(data, eval_tokens, seq_len), basis=basis)
+        metrics = evaluate_sae(sae, loaded, eval_data(data, eval_tokens, seq_len), basis=basis,
+                               progress_log=progress_log())
     rows = [_as_dict(m) for m in metrics]
     sae_id = trained["sae_id"]
     path = write_layer_metrics(out, sae_id, rows)

@@ -61,7 +61,7 @@ def _expected_layer_hist(out: str, sae_id: str, n_layers: int, path: Path) -> Pa
 
 def _decoder_rows(sae_dir: str):
     from mlsae import figures
-    from mlsae.sae.model import MLSAE
+    from mlsae.sae import MLSAE
 
     return figures.decoder_rows(MLSAE.from_pretrained(sae_dir))
 
@@ -75,7 +75,7 @@ def draw_model_figures(plan: PipelinePlan, cache: CacheManifest, lens: LensManif
     from mlsae import figures
     from mlsae.cache import ActivationCache
     from mlsae.models import load_model
-    from mlsae.sae.model import MLSAE
+    from mlsae.sae import MLSAE
 
     model = plan["model"]
     fig_dir = Path(out) / "figures" / model["slug"]

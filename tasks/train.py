@@ -41,7 +41,7 @@ def train_autoencoder(spec: dict[str, Any], model: dict[str, Any], data: str,
                       seed: int, device: str, out: str) -> TrainManifest:
     """Train (or finish training) one MLSAE / single-layer SAE of the plan."""
     from mlsae.cache import ActivationCache
-    from mlsae.sae.train import train_sae
+    from mlsae.sae import train_sae
 
     cfg = train_config(spec, model, data, lens["lens"] if lens else None, train_tokens, seed,
                        device)
