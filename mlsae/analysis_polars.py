@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from mlsae import warehouse as wh
 
@@ -59,15 +60,32 @@ def latent_layers(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
     )
 
 
-def latent_seq_moments(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
-    """sql/latent_seq_moments.sql: per (sae, seq, latent) count, n_tokens, mass, s1, s2,
-    token_mv, prompt_mv, sum_e, sum_e2, sum_v."""
+def _sequence_groups(warehouse_dir: str | os.PathLike) -> list[list[str]]:
+    """The latents files in groups that no sequence spans (one group per file when each
+    SAE's files hold disjoint seq_id ranges, as the logger writes them; else one group
+    per SAE), read from the Parquet statistics."""
+    groups: list[list[str]] = []
+    by_sae: dict[str, list] = {}
+    for path in wh.table_files(warehouse_dir, "latents"):
+        meta = pq.read_metadata(path)
+        col = meta.schema.to_arrow_schema().names.index("seq_id")
+        stats = [meta.row_group(i).column(col).statistics for i in range(meta.num_row_groups)]
+        known = all(s is not None and s.has_min_max for s in stats) and stats
+        span = (min(s.min for s in stats), max(s.max for s in stats)) if known else None
+        by_sae.setdefault(path.parent.name, []).append((span, str(path)))
+    for files in by_sae.values():
+        spans = sorted(span for span, _ in files if span is not None)
+        disjoint = len(spans) == len(files) and all(
+            a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+        groups += [[f] for _, f in files] if disjoint else [[f for _, f in files]]
+    return groups
+
+
+def _seq_moments_of(latents: pl.LazyFrame, layer_map: pl.LazyFrame) -> pl.LazyFrame:
     a = pl.col("value").cast(pl.Float64)
     i = pl.col("layer_idx").cast(pl.Float64)
     per_token = (
-        _active(warehouse_dir)
-        .join(sae_layers(warehouse_dir).select("sae_id", "layer", "layer_idx"),
-              on=["sae_id", "layer"])
+        latents.join(layer_map, on=["sae_id", "layer"])
         .group_by("sae_id", "seq_id", "pos", "latent")
         .agg(count=pl.len(), m=a.sum(), s1=(a * i).sum(), s2=(a * i * i).sum(),
              lo=i.min(), hi=i.max())
@@ -83,6 +101,22 @@ def latent_seq_moments(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
                  (s2.sum() - s1.sum() ** 2 / m.sum()).clip(lower_bound=0.0)),
              sum_e=(s1 / m).sum(), sum_e2=(s2 / m).sum(), sum_v=(pl.col("mv") / m).sum())
     )
+
+
+def latent_seq_moments(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
+    """sql/latent_seq_moments.sql: per (sae, seq, latent) count, n_tokens, mass, s1, s2,
+    token_mv, prompt_mv, sum_e, sum_e2, sum_v.
+
+    Unlike the SQL it aggregates file by file when no sequence spans two files (the
+    logger's parts), which keeps Polars' hash tables small; the result is the same."""
+    layer_map = sae_layers(warehouse_dir).select("sae_id", "layer", "layer_idx")
+    groups = _sequence_groups(warehouse_dir)
+    if not groups:
+        return _seq_moments_of(scan_table(warehouse_dir, "latents"), layer_map)
+    return pl.concat([
+        _seq_moments_of(pl.scan_parquet(files, hive_partitioning=False)
+                        .with_columns(pl.col("sae_id").cast(pl.String)), layer_map)
+        for files in groups])
 
 
 def latent_stats(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:

@@ -46,8 +46,10 @@ Encoder = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 class LatentLogConfig:
     """How latents are logged (the data and the SAE are arguments of log_latents)."""
 
-    batch_size: int = 8
-    """Sequences per forward pass."""
+    batch_tokens: int = 4096
+    """Tokens per forward pass (bounds the [B, T, L, D] activations held at once)."""
+    batch_size: int | None = None
+    """Sequences per forward pass; None = max(1, batch_tokens // seq_len)."""
     sequences_per_part: int | None = None
     """Sequences per part file (the unit of resumption); None = about `part_rows` rows."""
     part_rows: int = 4_000_000
@@ -61,8 +63,10 @@ class LatentLogConfig:
     """Where the model and SAE run ("auto" = CUDA if available)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         if self.sequences_per_part is not None and self.sequences_per_part < 1:
             raise ValueError(f"sequences_per_part must be >= 1 or None, got {self.sequences_per_part}")
         if self.part_rows < 1:
@@ -342,11 +346,12 @@ def _write_latents_part(path: Path, record: SaeRecord, tokens_BT: np.ndarray,
                         mask_BT: np.ndarray, lo: int, hi: int, encode: Encoder,
                         config: LatentLogConfig, progress: Progress, label: str) -> None:
     layers_L = np.asarray(record.layers, np.int16)
+    batch = config.batch_size or max(1, config.batch_tokens // tokens_BT.shape[1])
     buffered: list[pa.Table] = []
     n_buffered = 0
     with wh.AtomicParquetWriter(path, "latents") as writer:
-        for b0 in range(lo, hi, config.batch_size):
-            b1 = min(hi, b0 + config.batch_size)
+        for b0 in range(lo, hi, batch):
+            b1 = min(hi, b0 + batch)
             mask = mask_BT[b0:b1]
             if not mask.any():
                 continue

@@ -273,7 +273,14 @@ def sae_id_column(sae_id: str, n: int) -> pa.DictionaryArray:
 
 
 def latent_rows(sae_id: str, seq_id, pos, layer, latent, value) -> pa.Table:
-    """Arrow table of latent rows in the warehouse schema (no sorting, no quantization)."""
+    """Arrow table of latent rows in the warehouse schema (no sorting, no quantization).
+
+    Every value must be positive and finite: the views count rows as activations
+    (SPEC 5's C_j(l) = #{t : a > 0}) without filtering, so zeros are never stored."""
+    value = np.asarray(value, np.float32)
+    if value.size and not (np.isfinite(value).all() and value.min() > 0):
+        raise ValueError("latent values must be positive and finite: drop zeros (inactive "
+                         "latents) before writing, and check the SAE for NaN/inf")
     n = len(value)
     return pa.table({
         "sae_id": sae_id_column(sae_id, n),

@@ -16,7 +16,6 @@ fired AS (
     SELECT any_value(sae_id) AS sae_id, latent, count(*) AS count,
            count_if(value > threshold) AS n_fired, max(value) AS max_value
     FROM latents
-    WHERE value > 0
     GROUP BY hash(sae_id), latent
 ),
 every_latent AS (

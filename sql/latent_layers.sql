@@ -13,7 +13,6 @@ WITH per_layer AS (
     SELECT hash(sae_id) AS sae_key, latent, layer,
            count(*) AS count, sum(value::DOUBLE) AS mass
     FROM latents
-    WHERE value > 0
     GROUP BY ALL
 )
 SELECT s.sae_id, p.latent, p.layer, s.layer_idx, p.count, p.mass,

@@ -21,7 +21,6 @@ WITH active AS (
            l.value::DOUBLE AS a, s.layer_idx::DOUBLE AS i
     FROM latents l
     JOIN sae_layers s ON hash(l.sae_id) = s.sae_key AND l.layer = s.layer
-    WHERE l.value > 0
 ),
 per_token AS (
     SELECT sae_key, seq_id, latent,

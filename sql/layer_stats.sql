@@ -15,7 +15,6 @@ per_layer AS (
            count_if(value > 1e-3) AS n_fired, sum(value::DOUBLE) AS mass,
            max(value) AS max_value, count(DISTINCT latent) AS n_latents_active
     FROM latents
-    WHERE value > 0
     GROUP BY hash(sae_id), layer
 )
 SELECT s.sae_id, s.layer, s.layer_idx, t.n_tokens,

@@ -12,7 +12,7 @@ WITH active AS MATERIALIZED (
     SELECT l.latent, l.layer, s.layer_idx, l.value::DOUBLE AS a
     FROM latents l
     JOIN sae_layers s USING (sae_id, layer)
-    WHERE l.sae_id = sae AND l.seq_id = seq AND l.value > 0
+    WHERE l.sae_id = sae AND l.seq_id = seq
 ),
 per_latent AS (
     SELECT latent, max(a) AS max_value, sum(a) AS mass,
