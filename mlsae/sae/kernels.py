@@ -65,7 +65,7 @@ class SortPlan:
 
     def t_matmul(self, w_NK: Tensor, table_ND: Tensor) -> Tensor:
         """out[m] = sum over entries (n, j) of latent m of w[n, j] * table[n]."""
-        w = w_NK.reshape(-1)[self.order].to(table_ND.dtype)
+        w = w_NK.reshape(-1).index_select(0, self.order).to(table_ND.dtype)
         return F.embedding_bag(self.src_rows, table_ND, self.offsets, mode="sum",
                                per_sample_weights=w)
 
@@ -155,8 +155,12 @@ class _EncodeTopK(Function):
     @staticmethod
     def forward(ctx, z_ND: Tensor, b_D: Tensor, W_MD: Tensor, k: int, k_aux: int,
                 dead_idx: Tensor | None, compute_dtype: torch.dtype | None,
-                plan_out: list | None):
-        xin_ND = z_ND - b_D
+                plan_out: list | None, scale_N1: Tensor | None):
+        if scale_N1 is None:
+            xin_ND = z_ND - b_D
+        else:  # one pass for (xm * scale) - b
+            xin_ND = torch.addcmul(-b_D.detach(), z_ND, scale_N1)
+        ctx.scale_N1 = scale_N1
         n, m = xin_ND.shape[0], W_MD.shape[0]
         use_aux = dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0
         k_a = min(k_aux, dead_idx.numel()) if use_aux else 0
@@ -211,17 +215,20 @@ class _EncodeTopK(Function):
                 grad_W += sparse_t_matmul(aux_idx_NA, g_aux_NA, xin_ND, m)
         if ctx.needs_input_grad[0]:
             grad_z = F.embedding_bag(idx_all, W_MD, mode="sum", per_sample_weights=g_all)
+            if ctx.scale_N1 is not None:
+                grad_z = grad_z * ctx.scale_N1
         if ctx.needs_input_grad[1]:
             # d pre[n, m] / d b = -W[m]: sum the entry gradients per latent, then one matvec
             per_latent_M = g_all.new_zeros(W_MD.shape[0]).index_add_(0, idx_all.reshape(-1),
                                                                      g_all.reshape(-1))
             grad_b = -(per_latent_M @ W_MD)
-        return grad_z, grad_b, grad_W, None, None, None, None, None
+        return grad_z, grad_b, grad_W, None, None, None, None, None, None
 
 
 def encode_topk(z_ND: Tensor, b_D: Tensor, W_enc_MD: Tensor, k: int, *, k_aux: int = 0,
                 dead_idx: Tensor | None = None, compute_dtype: torch.dtype | None = None,
-                plan_out: list | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                plan_out: list | None = None,
+                scale_N1: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k pre-activations of pre = (z - b) W_enc^T, before ReLU.
 
     Returns (vals_NK, idx_NK, aux_vals_NA, aux_idx_NA); the aux pair is the top-k_aux
@@ -230,8 +237,10 @@ def encode_topk(z_ND: Tensor, b_D: Tensor, W_enc_MD: Tensor, k: int, *, k_aux: i
     `compute_dtype` (e.g. torch.bfloat16 on GPU) runs the matmul in that dtype.
     `plan_out`: a list that receives the SortPlan of idx_NK (when W_enc needs grad), for
     sharing with sparse_decode over the same indices.
+    `scale_N1`: encode z * scale_N1 instead of z (saves a pass when z = xm / (sigma + eps)).
     """
-    return _EncodeTopK.apply(z_ND, b_D, W_enc_MD, k, k_aux, dead_idx, compute_dtype, plan_out)
+    return _EncodeTopK.apply(z_ND, b_D, W_enc_MD, k, k_aux, dead_idx, compute_dtype, plan_out,
+                             scale_N1)
 
 
 def encode_topk_reference(z_ND: Tensor, b_D: Tensor, W_enc_MD: Tensor,
@@ -249,7 +258,9 @@ class _SparseDecode(Function):
     def forward(ctx, idx_NK: Tensor, acts_NK: Tensor, W_MD: Tensor, plan: SortPlan | None):
         ctx.save_for_backward(idx_NK, acts_NK, W_MD)
         ctx.plan = plan
-        return F.embedding_bag(idx_NK, W_MD, mode="sum", per_sample_weights=acts_NK.to(W_MD.dtype))
+        # detached inputs select embedding_bag's forward-only kernel (no backward buffers)
+        return F.embedding_bag(idx_NK, W_MD.detach(), mode="sum",
+                               per_sample_weights=acts_NK.detach().to(W_MD.dtype))
 
     @staticmethod
     @once_differentiable

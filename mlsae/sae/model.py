@@ -138,8 +138,11 @@ class MLSAE(nn.Module):
         """x_hat = z_hat * sigma + mu."""
         return self.decode_standardized(top_acts_NK, top_idx_NK) * sigma_N1 + mu_N1
 
-    def forward(self, x_ND: Tensor, *, dead_idx: Tensor | None = None,
+    def forward(self, x_ND: Tensor, layer_N: Tensor | None = None, *,
+                dead_idx: Tensor | None = None,
                 compute_dtype: torch.dtype | None = None) -> ForwardOutput:
+        """Encode and decode. `layer_N` is accepted for the shared interface and ignored:
+        nothing tells an MLSAE which layer a vector came from (SPEC 1)."""
         enc = self.encode(x_ND, dead_idx=dead_idx, compute_dtype=compute_dtype)
         z_hat_ND = self.decode_standardized(enc.top_acts_NK, enc.top_idx_NK)
         x_hat_ND = z_hat_ND * enc.sigma_N1 + enc.mu_N1

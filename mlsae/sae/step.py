@@ -7,6 +7,7 @@ Step: forward (TopK + AuxK over dead latents) -> loss = mean_l FVU_l + aux_coef 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -63,9 +64,13 @@ class DeadCounter:
     @torch.no_grad()
     def update(self, top_acts_NK: Tensor, top_idx_NK: Tensor, n_tokens: int,
                act_threshold: float) -> None:
+        m = self.tokens_since_fired_M.shape[0]
+        # fired latents via a sentinel row m (no boolean-mask compaction)
+        fired_NK = torch.where(top_acts_NK > act_threshold, top_idx_NK, m)
+        flag = torch.zeros(m + 1, dtype=torch.bool, device=top_idx_NK.device)
+        flag.index_fill_(0, fired_NK.reshape(-1), True)
         self.tokens_since_fired_M += n_tokens
-        fired = top_idx_NK[top_acts_NK > act_threshold]
-        self.tokens_since_fired_M[fired] = 0
+        self.tokens_since_fired_M.masked_fill_(flag[:m], 0)
 
 
 class Objective(NamedTuple):
@@ -104,7 +109,7 @@ class _WeightedSSE(Function):
     @staticmethod
     def forward(ctx, zhat_nb_ND: Tensor, b_D: Tensor, xm_ND: Tensor, s_N1: Tensor, w_N: Tensor):
         err_ND = torch.addcmul(xm_ND, s_N1, zhat_nb_ND + b_D, value=-1.0)
-        sse_N = torch.linalg.vecdot(err_ND, err_ND, dim=1)
+        sse_N = torch.linalg.vector_norm(err_ND, dim=1).square()  # one fused reduction
         ctx.save_for_backward(err_ND, s_N1, w_N)
         ctx.mark_non_differentiable(sse_N)
         return (sse_N * w_N).sum(), sse_N
@@ -127,7 +132,7 @@ def layer_total_variance(x_ND: Tensor, onehot_NL: Tensor) -> tuple[Tensor, Tenso
     """
     count_L = onehot_NL.sum(0).double()
     sum_LD = (onehot_NL.t() @ x_ND).double()
-    s2_L = onehot_NL.t().double() @ torch.linalg.vecdot(x_ND, x_ND, dim=1).double()
+    s2_L = onehot_NL.t().double() @ torch.linalg.vector_norm(x_ND, dim=1).double().square()
     tv_L = s2_L - sum_LD.pow(2).sum(1) / count_L.clamp_min(1)
     return tv_L.to(x_ND.dtype), count_L.to(x_ND.dtype)
 
@@ -139,16 +144,18 @@ def objective_fused(model: MLSAE, x_ND: Tensor, pos_N: Tensor, n_pos: int,
     cfg = model.cfg
     x_ND = x_ND.to(model.W_enc_MD.dtype)
     if cfg.standardize:
-        s_N1, mu_N1 = torch.std_mean(x_ND, dim=1, keepdim=True)
-        xm_ND = x_ND - mu_N1
-        z_ND = xm_ND / (s_N1 + STD_EPS)
+        # two-pass std (exact like torch.std, faster than its Welford kernel)
+        xm_ND = x_ND - x_ND.mean(1, keepdim=True)
+        s_N1 = torch.linalg.vector_norm(xm_ND, dim=1, keepdim=True) / math.sqrt(
+            max(1, x_ND.shape[1] - 1))
+        inv_N1 = 1.0 / (s_N1 + STD_EPS)
     else:
-        s_N1, xm_ND, z_ND = x_ND.new_ones(x_ND.shape[0], 1), x_ND, x_ND
+        s_N1, xm_ND, inv_N1 = x_ND.new_ones(x_ND.shape[0], 1), x_ND, None
     plans: list = []
     k_aux = cfg.k_aux if cfg.aux_coef > 0 else 0
     vals_NK, idx_NK, aux_vals_NA, aux_idx_NA = encode_topk(
-        z_ND, model.b_D, model.W_enc_MD, cfg.k, k_aux=k_aux, dead_idx=dead_idx,
-        compute_dtype=compute_dtype, plan_out=plans)
+        xm_ND, model.b_D, model.W_enc_MD, cfg.k, k_aux=k_aux, dead_idx=dead_idx,
+        compute_dtype=compute_dtype, plan_out=plans, scale_N1=inv_N1)
     acts_NK = vals_NK.relu()
     zhat_nb_ND = sparse_decode(idx_NK, acts_NK, model.W_dec_MD, plans[0] if plans else None)
     onehot_NL = F.one_hot(pos_N, n_pos).to(x_ND.dtype)
@@ -160,6 +167,7 @@ def objective_fused(model: MLSAE, x_ND: Tensor, pos_N: Tensor, n_pos: int,
         fvu_L = (onehot_NL.t() @ sse_N) / tv_L.clamp_min(TINY)
     loss, auxk = fvu, fvu.new_zeros(())
     if aux_idx_NA.shape[1] > 0:
+        z_ND = xm_ND * inv_N1 if inv_N1 is not None else xm_ND
         e_ND = (z_ND - (zhat_nb_ND + model.b_D)).detach()
         auxk = auxk_loss(e_ND, sparse_decode(aux_idx_NA, aux_vals_NA.relu(), model.W_dec_MD))
         loss = loss + cfg.aux_coef * auxk
