@@ -17,9 +17,12 @@ pruning. docs/warehouse.md explains the types and encodings and their measured c
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -537,8 +540,16 @@ def _check_sae_id_hashes(con, root: Path) -> None:
                                  "rename one of them")
 
 
+@functools.cache
+def _spill_dir() -> Path:
+    """One private directory per process for DuckDB to spill big aggregations to."""
+    path = Path(tempfile.mkdtemp(prefix="mlsae-duckdb-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def _lock_down(con, root: Path) -> None:
-    spill = Path(tempfile.mkdtemp(prefix="mlsae-duckdb-"))
+    spill = _spill_dir()
     con.execute(f"SET temp_directory = {_sql_literal(str(spill))}")
     allowed = ", ".join(_sql_literal(str(p) + os.sep) for p in (root, spill))
     con.execute(f"SET allowed_directories = [{allowed}]")

@@ -1,6 +1,7 @@
-"""End to end: a real transformer forward pass, a real MLSAE, log_latents into a
-warehouse, then the views: finite values, token_var < prompt_var <= layer_var, and
-the per-layer L0 from the table equal to the L0 of the SAE's own encoding.
+"""End to end: a real transformer, an MLSAE trained (briefly) and evaluated by mlsae.sae,
+log_latents into a warehouse, then the views: finite values, token_var < prompt_var <=
+layer_var, and the per-layer L0 from the table equal to the evaluation's L0 (and to
+the SAE's own encoding of the same tokens).
 
 Runs on a tiny random GPT-NeoX (always) and on the embedded model (once its
 weights are in mlsae/embedded/model)."""
@@ -35,12 +36,15 @@ def tiny_model_dir(root):
 
 @pytest.fixture(scope="module", params=["tiny", "embedded"])
 def logged(request, tmp_path_factory):
+    """Train an MLSAE briefly, evaluate it, log its latents; return what the tests need."""
     from mlsae.data import DataConfig, load_sequences, special_token_mask
+    from mlsae.extract import ExtractConfig, stream_activations
     from mlsae.hooks import capture_residuals, n_layers
-    from mlsae.latents import log_latents
+    from mlsae.latents import log_latents, write_layer_metrics
     from mlsae.models import load_model
-    from mlsae.sae.config import SAEConfig
-    from mlsae.sae.model import MLSAE
+    from mlsae.sae.config import SAEConfig, TrainConfig
+    from mlsae.sae.evaluate import evaluate_sae
+    from mlsae.sae.train import train_sae
 
     if request.param == "embedded" and not EMBEDDED_READY:
         pytest.skip("the embedded model's weights are not in mlsae/embedded/model yet")
@@ -49,24 +53,29 @@ def logged(request, tmp_path_factory):
     loaded = load_model(source, device="cpu")
     L = n_layers(loaded.model)
     d = loaded.model.config.hidden_size
+    sae_cfg = SAEConfig(d_model=d, n_layers=L, expansion_factor=8, k=8, model=loaded.name)
+    train_data = DataConfig(split="train", seq_len=64, max_sequences=48)
+    stream = stream_activations(ExtractConfig(model=source, data=train_data, device="cpu",
+                                              dtype="float32", shard_sequences=16), loaded)
+    trained = train_sae(TrainConfig(sae=sae_cfg, train_tokens=3072, batch_tokens=256,
+                                    lr=1e-3, device="cpu", checkpoint_every=10_000),
+                        stream, root / "train", progress_log=lambda _: None)
     data = DataConfig(split="test", seq_len=64, max_sequences=6)
-    cfg = SAEConfig(d_model=d, n_layers=L, expansion_factor=8, k=8, model=loaded.name)
-    sae = MLSAE(cfg)
+    metrics = evaluate_sae(trained.sae, loaded, data, splice=False)
+    warehouse = root / "warehouse"
+    result = log_latents(trained.sae_dir, loaded, data, warehouse, "e2e-sae",
+                         progress_log=lambda _: None)
+    write_layer_metrics(warehouse, "e2e-sae", metrics)
+    # the SAE's own L0 per layer on the same unmasked tokens (SPEC 4: > 1e-3)
+    sae = trained.sae.eval()
     tokens = load_sequences(data, loaded.tokenizer).tokens_BT
     mask = special_token_mask(tokens, loaded.tokenizer)
-    x_BTLD = capture_residuals(loaded.model, torch.as_tensor(tokens, dtype=torch.long),
-                               cfg.layers)
     with torch.no_grad():
-        sae.init_bias(x_BTLD.reshape(-1, d)[:512].clone())
-    sae.save_pretrained(root / "sae")
-    warehouse = root / "warehouse"
-    result = log_latents(root / "sae", loaded, data, warehouse, "e2e-sae",
-                         progress_log=lambda _: None)
-    # the SAE's own L0 per layer on the same unmasked tokens (SPEC 4: > 1e-3)
-    with torch.no_grad():
+        x_BTLD = capture_residuals(loaded.model, torch.as_tensor(tokens, dtype=torch.long),
+                                   sae_cfg.layers)
         x_NLD = x_BTLD[torch.as_tensor(mask)]
         acts = sae.encode(x_NLD.reshape(-1, d)).top_acts_NK.reshape(x_NLD.shape[0], L, -1)
-    l0 = (acts > cfg.act_threshold).sum(-1).double().mean(0).numpy()
+    l0 = (acts > sae_cfg.act_threshold).sum(-1).double().mean(0).numpy()
     return warehouse, result, l0, int(mask.sum()), L
 
 
@@ -90,10 +99,12 @@ def test_variance_summary_is_finite_and_ordered(logged):
     assert row["mean_token_var"] < row["mean_prompt_var"] <= row["mean_layer_var"]
 
 
-def test_layer_l0_equals_the_encoders(logged):
+def test_layer_l0_equals_the_evaluations(logged):
     warehouse, _, l0, _, _ = logged
-    got = wh.run_readonly_sql(warehouse, "SELECT l0 FROM layer_stats ORDER BY layer_idx").rows
+    got = wh.run_readonly_sql(warehouse, "SELECT l0, eval_l0 FROM layer_stats "
+                                         "ORDER BY layer_idx").rows
     np.testing.assert_allclose([r[0] for r in got], l0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose([r[0] for r in got], [r[1] for r in got], rtol=0, atol=1e-12)
 
 
 def test_contexts_show_real_text(logged):
