@@ -73,7 +73,7 @@ def build_warehouse(root: Path, rows: int, seed: int = 0) -> Path:
     tokens[:, 0] = np.arange(n_seq) % 8192  # distinct batches -> distinct encoder seeds
     mask = np.ones_like(tokens, dtype=bool)
     t0 = time.perf_counter()
-    result = write_latents(root, record, tokens, mask, synthetic_encoder(seed),
+    result = write_latents(root, record, zip(tokens, mask, strict=True), synthetic_encoder(seed),
                            lambda i: f" w{i}", {"synthetic": rows, "seed": seed},
                            LatentLogConfig(batch_size=16), progress_log=lambda _: None)
     if result.parts_written:

@@ -20,10 +20,11 @@ import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -213,45 +214,47 @@ class _TokenText:
 def write_latents(
     warehouse_dir: str | os.PathLike,
     record: SaeRecord,
-    tokens_BT: np.ndarray,
-    mask_BT: np.ndarray,
+    sequences: Iterable[tuple[np.ndarray, np.ndarray]],
     encode: Encoder,
     decode_token: Callable[[int], str],
     fingerprint: Mapping[str, Any],
     config: LatentLogConfig | None = None,
     progress_log: Callable[[str], None] | None = None,
+    total_tokens: int | None = None,
 ) -> LogResult:
-    """The resumable, streaming core of log_latents, independent of torch: `encode`
-    turns a batch of token ids into top-k activations (see Encoder).
+    """The resumable, streaming core of log_latents, independent of torch.
 
-    seq_id = row index in tokens_BT; pos = column index; masked tokens (mask False)
-    get no tokens row and no latents rows. `fingerprint` pins what the rows depend on
-    (data, SAE, basis): a different one for an existing sae_id raises WarehouseError.
+    sequences: (tokens_T, mask_T) per sequence, in order, consumed lazily one part at
+      a time (e.g. zip(tokens_BT, mask_BT)); seq_id = its index, pos = the position;
+      masked tokens (mask False) get no tokens row and no latents rows.
+    encode: a batch of token ids -> top-k activations (see Encoder).
+    fingerprint: what the rows depend on (data, SAE, basis): logging an existing sae_id
+      with a different one raises WarehouseError.
+    total_tokens: unmasked tokens expected, for the progress ETA (None: unknown).
     """
     config = config or LatentLogConfig()
     start = time.perf_counter()
     sae_id = record.sae_id
-    tokens_BT = np.asarray(tokens_BT)
-    mask_BT = np.asarray(mask_BT, bool)
-    if tokens_BT.ndim != 2 or mask_BT.shape != tokens_BT.shape:
-        raise ValueError(f"tokens_BT and mask_BT must be the same 2-D shape, got "
-                         f"{tokens_BT.shape} and {mask_BT.shape}")
-    n_seq, seq_len = tokens_BT.shape
+    stream = iter(sequences)
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("no sequences to log: check the data config (split, max_sequences)")
+    seq_len = len(first[0])
+    stream = itertools.chain([first], stream)
     if seq_len > np.iinfo(np.int16).max + 1:
         raise ValueError(f"sequences of {seq_len} tokens do not fit the pos column (int16)")
     if max(record.layers) > np.iinfo(np.int16).max:
         raise ValueError("layer indices must fit int16")
     rows_per_seq = max(1, seq_len * record.n_layers * record.k)
     per_part = config.sequences_per_part or max(1, config.part_rows // rows_per_seq)
-    n_parts = _parts_per(n_seq, per_part)
 
     latents_dir = wh.partition_dir(warehouse_dir, "latents", sae_id)
     tokens_dir = wh.partition_dir(warehouse_dir, "tokens", sae_id)
     manifest_path = latents_dir / MANIFEST_NAME
     settings = {
-        "sae_id": sae_id, "fingerprint": dict(fingerprint), "n_sequences": int(n_seq),
-        "seq_len": int(seq_len), "sequences_per_part": int(per_part), "n_parts": int(n_parts),
-        "layers": list(record.layers), "value_mantissa_bits": config.value_mantissa_bits,
+        "sae_id": sae_id, "fingerprint": dict(fingerprint), "seq_len": int(seq_len),
+        "sequences_per_part": int(per_part), "layers": list(record.layers),
+        "value_mantissa_bits": config.value_mantissa_bits,
         "act_threshold": config.act_threshold,
     }
     with _exclusive(latents_dir):
@@ -264,9 +267,9 @@ def write_latents(
                     f"({manifest_path}): {_diff(pinned, settings)}. Use a new sae_id, or delete "
                     f"{latents_dir} and {tokens_dir} to log it again")
             if manifest.get("complete"):
-                return LogResult(sae_id, n_seq, manifest["n_tokens"], manifest["n_rows"],
-                                 n_parts, 0, manifest["bytes_latents"],
-                                 time.perf_counter() - start)
+                return LogResult(sae_id, manifest["n_sequences"], manifest["n_tokens"],
+                                 manifest["n_rows"], manifest["n_parts"], 0,
+                                 manifest["bytes_latents"], time.perf_counter() - start)
         else:
             _write_manifest(manifest_path, {**settings, "complete": False})
         for directory in (latents_dir, tokens_dir):
@@ -274,19 +277,29 @@ def write_latents(
         write_sae_record(warehouse_dir, record)
 
         text = _TokenText(decode_token)
-        progress = Progress(f"log latents {sae_id}", total=float(mask_BT.sum()), unit="tokens",
+        progress = Progress(f"log latents {sae_id}", total=total_tokens, unit="tokens",
                             log=progress_log)
-        written = 0
-        for part in range(n_parts):
-            lo, hi = part * per_part, min(n_seq, (part + 1) * per_part)
+        written = n_seq = n_tokens = 0
+        for part in itertools.count():
+            chunk = list(itertools.islice(stream, per_part))
+            if not chunk:
+                break
+            tokens_BT = np.stack([np.asarray(t) for t, _ in chunk])
+            mask_BT = np.stack([np.asarray(m, bool) for _, m in chunk])
+            if tokens_BT.shape[1] != seq_len or mask_BT.shape != tokens_BT.shape:
+                raise ValueError(f"every sequence must have {seq_len} tokens and a mask of the "
+                                 "same length")
+            n_seq += len(chunk)
+            n_tokens += int(mask_BT.sum())
             latents_path = wh.part_path(warehouse_dir, "latents", sae_id, part)
             tokens_path = wh.part_path(warehouse_dir, "tokens", sae_id, part)
             if latents_path.exists() and tokens_path.exists():
-                progress.update(float(mask_BT[lo:hi].sum()), part=f"{part + 1}/{n_parts} done")
+                progress.update(float(mask_BT.sum()), part=f"{part + 1} done")
                 continue
-            _write_tokens_part(tokens_path, sae_id, tokens_BT, mask_BT, lo, hi, text)
-            _write_latents_part(latents_path, record, tokens_BT, mask_BT, lo, hi, encode,
-                                config, progress, f"{part + 1}/{n_parts}")
+            offset = part * per_part
+            _write_tokens_part(tokens_path, sae_id, tokens_BT, mask_BT, offset, text)
+            _write_latents_part(latents_path, record, tokens_BT, mask_BT, offset, encode,
+                                config, progress, f"{part + 1}")
             written += 1
         progress.close()
 
@@ -295,8 +308,9 @@ def write_latents(
             if path.parent == latents_dir:
                 n_rows += _num_rows(path)
                 n_bytes += path.stat().st_size
-        n_tokens = int(mask_BT.sum())
-        _write_manifest(manifest_path, {**settings, "complete": True, "n_tokens": n_tokens,
+        n_parts = _parts_per(n_seq, per_part)
+        _write_manifest(manifest_path, {**settings, "complete": True, "n_sequences": n_seq,
+                                        "n_parts": n_parts, "n_tokens": n_tokens,
                                         "n_rows": n_rows, "bytes_latents": n_bytes})
         wh.write_setup_script(warehouse_dir)
     return LogResult(sae_id, n_seq, n_tokens, n_rows, n_parts, written, n_bytes,
@@ -335,29 +349,28 @@ def _write_manifest(path: Path, content: Mapping) -> None:
 
 
 def _write_tokens_part(path: Path, sae_id: str, tokens_BT: np.ndarray, mask_BT: np.ndarray,
-                       lo: int, hi: int, text: _TokenText) -> None:
-    b, t = np.nonzero(mask_BT[lo:hi])
-    ids = tokens_BT[lo:hi][b, t]
-    rows = wh.token_rows(sae_id, b + lo, t, ids, text(ids))
+                       offset: int, text: _TokenText) -> None:
+    b, t = np.nonzero(mask_BT)
+    ids = tokens_BT[b, t]
+    rows = wh.token_rows(sae_id, b + offset, t, ids, text(ids))
     wh.write_table_atomic("tokens", rows, path)
 
 
 def _write_latents_part(path: Path, record: SaeRecord, tokens_BT: np.ndarray,
-                        mask_BT: np.ndarray, lo: int, hi: int, encode: Encoder,
+                        mask_BT: np.ndarray, offset: int, encode: Encoder,
                         config: LatentLogConfig, progress: Progress, label: str) -> None:
     layers_L = np.asarray(record.layers, np.int16)
     batch = config.batch_size or max(1, config.batch_tokens // tokens_BT.shape[1])
     buffered: list[pa.Table] = []
     n_buffered = 0
     with wh.AtomicParquetWriter(path, "latents") as writer:
-        for b0 in range(lo, hi, batch):
-            b1 = min(hi, b0 + batch)
-            mask = mask_BT[b0:b1]
+        for b0 in range(0, len(tokens_BT), batch):
+            mask = mask_BT[b0:b0 + batch]
             if not mask.any():
                 continue
-            acts_NLK, idx_NLK = encode(tokens_BT[b0:b1], mask)
-            rows = latent_batch_rows(record.sae_id, b0, mask, layers_L, acts_NLK, idx_NLK,
-                                     config)
+            acts_NLK, idx_NLK = encode(tokens_BT[b0:b0 + batch], mask)
+            rows = latent_batch_rows(record.sae_id, offset + b0, mask, layers_L, acts_NLK,
+                                     idx_NLK, config)
             buffered.append(rows)
             n_buffered += rows.num_rows
             if n_buffered >= wh.ROW_GROUP_ROWS:  # ~1M-row row groups, bounded memory
@@ -438,7 +451,7 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
     """
     import torch
 
-    from mlsae.data import load_sequences, special_token_mask
+    from mlsae.data import iter_sequences, special_token_mask
     from mlsae.hooks import capture_residuals
     from mlsae.models import resolve_device
     from mlsae.sae.model import MLSAE
@@ -449,9 +462,8 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
     sae = MLSAE.from_pretrained(sae_dir).to(device).eval()
     record = sae_record_from_config(sae_id, sae.cfg, loaded.name, train_tokens)
     model = loaded.model.to(device).eval()
-    sequences = load_sequences(data, loaded.tokenizer)
-    tokens_BT = np.asarray(sequences.tokens_BT)
-    mask_BT = np.asarray(special_token_mask(tokens_BT, loaded.tokenizer), bool)
+    sequences = ((chunk.tokens_T, special_token_mask(chunk.tokens_T, loaded.tokenizer))
+                 for chunk in iter_sequences(data, loaded.tokenizer))
     layers = list(record.layers)
     sae_dtype = next(sae.parameters()).dtype
 
@@ -478,5 +490,6 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
         "model": loaded.name, "sae": _sae_fingerprint(sae_dir),
         "basis": "none" if basis is None else getattr(basis, "name", type(basis).__name__),
     }
-    return write_latents(warehouse_dir, record, tokens_BT, mask_BT, encode, decode,
-                         fingerprint, config, progress_log)
+    max_seq = getattr(data, "max_sequences", None)
+    return write_latents(warehouse_dir, record, sequences, encode, decode, fingerprint, config,
+                         progress_log, total_tokens=max_seq * data.seq_len if max_seq else None)

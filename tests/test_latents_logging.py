@@ -167,7 +167,8 @@ def test_bytes_per_activation(tmp_path):
         return rng.lognormal(-0.5, 1, idx.shape).astype(np.float32), idx
 
     tokens = rng.integers(0, 8192, (n_seq, seq_len))
-    result = write_latents(tmp_path, record, tokens, np.ones_like(tokens, bool), encode,
+    result = write_latents(tmp_path, record, zip(tokens, np.ones_like(tokens, bool), strict=True),
+                           encode,
                            str, {}, LatentLogConfig(batch_size=8), progress_log=lambda _: None)
     assert result.n_rows > 350_000
     assert result.bytes_latents / result.n_rows <= 4.0

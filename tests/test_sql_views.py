@@ -57,7 +57,7 @@ def write_dense(root, sae_id: str, layers: list[int], a: np.ndarray, mask: np.nd
         idx = np.broadcast_to(np.arange(n_latents), acts.shape)
         return acts, idx
 
-    return write_latents(root, record, tokens, mask, encode, lambda i: f" t{i}",
+    return write_latents(root, record, zip(tokens, mask, strict=True), encode, lambda i: f" t{i}",
                          {"test": sae_id}, config or LatentLogConfig(sequences_per_part=2,
                                                                      batch_size=1),
                          progress_log=lambda _: None)
