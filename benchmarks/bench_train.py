@@ -177,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mlsae.sae import ctopk
+    from mlsae.sae import ckernels
 
     results = []
     for name in args.shapes.split(","):
         r = bench_shape(name, args.steps, args.device, args.breakdown)
-        r["compiled_topk"] = ctopk.available()
+        r["compiled_kernels"] = ckernels.available()
         results.append(r)
         ok = "OK" if r["ratio"] <= r["target"] else "ABOVE TARGET"
         print(f"{name}: d={r['d']} n={r['n']} k={r['k']} N={r['examples_per_step']}: "

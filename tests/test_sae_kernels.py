@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlsae.sae import ctopk, kernels
+from mlsae.sae import ckernels, kernels
 
 
 def _same_topk(pre, vals, idx, k):
@@ -31,18 +31,35 @@ def test_topk_select_equals_torch_topk(n, m, k):
 
 
 def test_compiled_topk_kernel_builds_here_and_matches_with_strided_rows():
-    assert ctopk.available(), "the C top-k kernel should build on this machine (gcc present)"
+    assert ckernels.available(), "the C kernels should build on this machine (gcc present)"
     big = torch.randn(50, 700)
     pre = big[:, 100:612]  # row stride 700, unit column stride
-    vals, idx = ctopk.topk(pre, 16, threads=2)
+    vals, idx = ckernels.topk(pre, 16, threads=2)
     _same_topk(pre, vals, idx, 16)
     with_nan = torch.randn(4, 300)
     with_nan[0, 5] = float("nan")
     with_nan[1, :] = float("nan")
-    vals, idx = ctopk.topk(with_nan, 8)
+    vals, idx = ckernels.topk(with_nan, 8)
     assert torch.isfinite(vals[2:]).all() and len(set(idx[1].tolist())) == 8
     with pytest.raises(ValueError, match="float32"):
-        ctopk.topk(torch.randn(3, 10, dtype=torch.float64), 2)
+        ckernels.topk(torch.randn(3, 10, dtype=torch.float64), 2)
+
+
+def test_counting_sort_plan_equals_torch_sort_plan(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 50, (30, 6), generator=gen)
+    order, src, starts = ckernels.counting_sort(idx, 50)
+    want = idx.reshape(-1).sort(stable=True).indices
+    assert torch.equal(order, want) and torch.equal(src, want // 6)
+    counts = torch.bincount(idx.reshape(-1), minlength=50)
+    assert torch.equal(starts, torch.cumsum(counts, 0) - counts)
+    with pytest.raises(ValueError, match="outside"):
+        ckernels.counting_sort(torch.tensor([[0, 50]]), 50)
+    fast = kernels.SortPlan(idx, 50)
+    monkeypatch.setattr(ckernels, "available", lambda: False)  # the torch fallback
+    slow = kernels.SortPlan(idx, 50)
+    for name in ("order", "src_rows", "offsets"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name))
 
 
 def _problem(n=40, d=6, m=50, k=5, seed=0):

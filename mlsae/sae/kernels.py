@@ -4,7 +4,7 @@ Only k latents per example carry a value, so only N*k entries of the encoder and
 decoder receive gradient. Both autograd Functions below exploit that:
 
 - `encode_topk`: forward = one matmul per row chunk + top-k (the compiled kernel of
-  `ctopk` on CPU float32, torch.topk otherwise), optionally also the top-k_aux among
+  `ckernels` on CPU float32, torch.topk otherwise), optionally also the top-k_aux among
   dead latents for AuxK. The [N, M] pre-activations never reach autograd; backward
   builds grad W_enc from the N*(k + k_aux) selected entries only.
 - `sparse_decode`: forward = `embedding_bag` (sum of the k chosen decoder rows, weighted
@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from mlsae.sae import ctopk
+from mlsae.sae import ckernels
 
 MAX_PRE_ELEMENTS = 1 << 26
 """Rows are encoded in chunks so the dense pre-activations stay under this many elements
@@ -41,8 +41,8 @@ def topk_select(pre_NM: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     Fast path: the compiled CPU kernel (float32); fallback: torch.topk(sorted=False).
     """
-    if ctopk.supports(pre_NM, k):
-        return ctopk.topk(pre_NM, k)
+    if ckernels.supports(pre_NM, k):
+        return ckernels.topk(pre_NM, k)
     return pre_NM.topk(k, dim=1, sorted=False)
 
 
@@ -54,13 +54,17 @@ class SortPlan:
 
     def __init__(self, idx_NK: Tensor, n_rows: int):
         n, k = idx_NK.shape
-        flat = idx_NK.reshape(-1)
-        # int32 keys sort about twice as fast; stable keeps the order deterministic
-        self.order = flat.to(torch.int32).sort(stable=True).indices
-        self.src_rows = torch.div(self.order, k, rounding_mode="floor")
-        counts = torch.bincount(flat, minlength=n_rows)
-        self.offsets = torch.zeros(n_rows, dtype=torch.long, device=flat.device)
-        torch.cumsum(counts[:-1], 0, out=self.offsets[1:])
+        if idx_NK.device.type == "cpu" and ckernels.available():
+            # O(N*K + M) counting sort: no parallel comparison sort to stall on a shared CPU
+            self.order, self.src_rows, self.offsets = ckernels.counting_sort(idx_NK, n_rows)
+        else:
+            flat = idx_NK.reshape(-1)
+            # int32 keys sort about twice as fast; stable keeps the order deterministic
+            self.order = flat.to(torch.int32).sort(stable=True).indices
+            self.src_rows = torch.div(self.order, k, rounding_mode="floor")
+            counts = torch.bincount(flat, minlength=n_rows)
+            self.offsets = torch.zeros(n_rows, dtype=torch.long, device=flat.device)
+            torch.cumsum(counts[:-1], 0, out=self.offsets[1:])
         self.shape = (n, k)
 
     def t_matmul(self, w_NK: Tensor, table_ND: Tensor) -> Tensor:

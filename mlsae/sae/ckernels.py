@@ -1,5 +1,10 @@
-"""Fast row-wise top-k on CPU: a small C kernel compiled on first use, loaded with ctypes.
+"""Small C kernels for the CPU hot path, compiled on first use and loaded with ctypes.
 
+Two kernels: a row-wise top-k, and a counting sort of latent indices (for the
+transposed sparse products in backward; torch.sort is a parallel comparison sort
+that stalls badly when the CPU is shared). Both release the GIL.
+
+Top-k.
 torch.topk on CPU copies every row into (value, index) pairs and heap-sorts them,
 which costs about a third of the encoder matmul at SAE shapes. This kernel reads
 each row twice while it sits in L2: pass 1 takes the minimum over k disjoint
@@ -13,7 +18,7 @@ The shared library is built with the system C compiler into a per-user cache
 (`$MLSAE_KERNEL_DIR`, else `$XDG_CACHE_HOME/mlsae/kernels`, else ~/.cache/...)
 and reused. No compiler, a failed build, `MLSAE_C_KERNELS=0`, a non-CPU tensor
 or a dtype other than float32: `available()` is False and callers fall back to
-torch.topk (mlsae.sae.kernels does).
+torch.topk / torch.sort (mlsae.sae.kernels does).
 """
 
 from __future__ import annotations
@@ -116,6 +121,27 @@ void mlsae_topk_rows(const float* pre, int64_t ld, int64_t M, int64_t k, int64_t
         for (int64_t s = 0; s < k; s++) { vals[r * k + s] = bv[s]; idx[r * k + s] = bi[s]; }
     }
 }
+
+/* Stable counting sort of keys in [0, m): order = entry ids grouped by key, src = order / k,
+   starts[j] = first position of key j (m + 1 entries). Returns -1 on an out-of-range key. */
+int mlsae_counting_sort(const int64_t* keys, int64_t n, int64_t m, int64_t k,
+                        int64_t* order, int64_t* src, int64_t* starts) {
+    for (int64_t j = 0; j <= m; j++) starts[j] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t key = keys[i];
+        if (key < 0 || key >= m) return -1;
+        starts[key + 1]++;
+    }
+    for (int64_t j = 1; j <= m; j++) starts[j] += starts[j - 1];
+    for (int64_t i = 0; i < n; i++) {
+        int64_t pos = starts[keys[i]]++;
+        order[pos] = i;
+        src[pos] = i / k;
+    }
+    for (int64_t j = m; j > 0; j--) starts[j] = starts[j - 1];  /* undo the increments */
+    starts[0] = 0;
+    return 0;
+}
 """
 
 _FLAGS = (["-O3", "-march=native"], ["-O3"])
@@ -140,19 +166,19 @@ def _build() -> ctypes.CDLL | None:
     tag = hashlib.sha256((C_SOURCE + platform.machine() + compiler).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     for flags in _FLAGS:
-        so = out_dir / f"topk-{tag}-{flags[-1].lstrip('-').replace('=', '_')}.so"
+        so = out_dir / f"kernels-{tag}-{flags[-1].lstrip('-').replace('=', '_')}.so"
         if not so.exists():
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-                    src = Path(tmp) / "topk.c"
+                    src = Path(tmp) / "kernels.c"
                     src.write_text(C_SOURCE)
-                    built = Path(tmp) / "topk.so"
+                    built = Path(tmp) / "kernels.so"
                     subprocess.run([compiler, *flags, "-shared", "-fPIC", str(src), "-o", str(built)],
                                    check=True, capture_output=True, timeout=120)
                     os.replace(built, so)  # atomic: concurrent builders never see a partial file
             except (OSError, subprocess.SubprocessError) as err:
-                log.info("building the top-k kernel with %s failed (%s)", flags, err)
+                log.info("building the C kernels with %s failed (%s)", flags, err)
                 continue
         try:
             lib = ctypes.CDLL(str(so))
@@ -164,6 +190,10 @@ def _build() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_void_p]
+        sort = lib.mlsae_counting_sort
+        sort.restype = ctypes.c_int
+        sort.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         return lib
     return None
 
@@ -194,8 +224,8 @@ def supports(pre_NM: Tensor, k: int) -> bool:
 def topk(pre_NM: Tensor, k: int, threads: int | None = None) -> tuple[Tensor, Tensor]:
     """(values [N, k] float32, indices [N, k] int64) of each row's k largest entries, unordered."""
     if not supports(pre_NM, k):
-        raise ValueError("ctopk.topk needs a CPU float32 [N, M] tensor with unit column stride, "
-                         "1 <= k <= M, and the compiled kernel (check ctopk.available())")
+        raise ValueError("ckernels.topk needs a CPU float32 [N, M] tensor with unit column stride, "
+                         "1 <= k <= M, and the compiled kernel (check ckernels.available())")
     global _pool
     n, m = pre_NM.shape
     vals_NK = torch.empty(n, k, dtype=torch.float32)
@@ -222,3 +252,24 @@ def topk(pre_NM: Tensor, k: int, threads: int | None = None) -> tuple[Tensor, Te
         for f in [_pool.submit(run, i) for i in range(threads)]:
             f.result()
     return vals_NK, idx_NK
+
+
+def counting_sort(idx_NK: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries of idx_NK grouped by value (stable): (order, order // K, starts[n_rows]).
+
+    order[p] is the flat entry id at position p, so entries of value j sit at
+    positions starts[j] .. starts[j + 1] - 1. CPU int64 only, with the compiled kernel.
+    """
+    if idx_NK.device.type != "cpu" or idx_NK.dtype != torch.int64 or not available():
+        raise ValueError("ckernels.counting_sort needs a CPU int64 tensor and the compiled kernel")
+    flat = idx_NK.reshape(-1).contiguous()
+    n = flat.numel()
+    order = torch.empty(n, dtype=torch.int64)
+    src = torch.empty(n, dtype=torch.int64)
+    starts = torch.empty(n_rows + 1, dtype=torch.int64)
+    k = idx_NK.shape[1] if idx_NK.dim() == 2 else 1
+    rc = _library().mlsae_counting_sort(flat.data_ptr(), n, n_rows, max(1, k), order.data_ptr(),
+                                        src.data_ptr(), starts.data_ptr())
+    if rc != 0:
+        raise ValueError(f"an index is outside 0..{n_rows - 1}")
+    return order, src, starts[:n_rows]
