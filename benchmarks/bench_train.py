@@ -10,8 +10,8 @@ medians (the floor is 1.0; the matmul writes into a preallocated output, the str
 floor, and the ratio to a matmul allocating its output is reported beside it), examples/s, and peak memory above the setup baseline
 (RSS high-water mark on CPU, max allocated on CUDA). Targets (issue 3): <= 2.0x at
 (256, 4096, 32, 8192) and <= 1.5x at (512, 16384, 32, 4096).
-`--breakdown` also times the step's parts; `--torch-topk` disables the compiled
-top-k kernel (the fallback path) for comparison.
+`--breakdown` also times the step's parts; `--torch-topk` disables the compiled C
+kernels (top-k, counting sort): the pure-torch fallback path, for comparison.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--torch-topk", action="store_true",
-                        help="disable the compiled top-k kernel (fallback path)")
+                        help="disable the compiled C kernels (pure-torch fallback path)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.torch_topk:

@@ -232,6 +232,8 @@ def reconstruction_metrics(sae: MLSAE, shards: Iterable, basis: Any = None, *,
         for layer in cfg.layers:
             pos = source_layers.index(layer)
             x_ND = torch.from_numpy(np.asarray(shard.acts_BTLD[:, :, pos])[mask]).to(device)
+            if x_ND.shape[0] == 0:
+                continue
             x_ND = x_ND.float()
             x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
             accs[layer].add_reconstruction(x_ND, x_hat, acts, idx)
