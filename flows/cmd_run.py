@@ -86,9 +86,11 @@ def print_example_queries(out: str) -> None:
 @click.option("--train-tokens", type=int, default=None,
               help="Training tokens per layer.  [default: 200000]")
 @click.option("--eval-tokens", type=int, default=None,
-              help="Held-out tokens for metrics and latent tables.  [default: 16384]")
+              help="Held-out tokens for metrics and latent tables.  [default: 8192]")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence.  [default: 128]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=None,
+              help="Adam learning rate (the paper's 1e-4 assumes 1B tokens).  [default: 1e-3]")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -96,7 +98,7 @@ def print_example_queries(out: str) -> None:
 @click.option("--refresh", is_flag=True,
               help="Recompute every step instead of reusing cached results.")
 def command(model, data, expansion_factors, ks, layers, lens, baselines, train_tokens,
-            eval_tokens, seq_len, seed, device, out, refresh) -> None:
+            eval_tokens, seq_len, seed, lr, device, out, refresh) -> None:
     """Run the whole pipeline for one model: extract, train, evaluate, log latents,
     analyse, draw figures.
 
@@ -114,6 +116,7 @@ def command(model, data, expansion_factors, ks, layers, lens, baselines, train_t
         DEFAULT_EVAL_TOKENS,
         DEFAULT_EXPANSION_FACTORS,
         DEFAULT_KS,
+        DEFAULT_LR,
         DEFAULT_SEQ_LEN,
         DEFAULT_TRAIN_TOKENS,
         pipeline,
@@ -126,7 +129,8 @@ def command(model, data, expansion_factors, ks, layers, lens, baselines, train_t
         ks=list(ks or DEFAULT_KS), layers=parse_layers(layers), lens=lens, baselines=baselines,
         train_tokens=train_tokens or DEFAULT_TRAIN_TOKENS,
         eval_tokens=eval_tokens or DEFAULT_EVAL_TOKENS, seq_len=seq_len or DEFAULT_SEQ_LEN,
-        seed=seed, device=device, out=str(out) if out else None, refresh=refresh)
+        seed=seed, lr=lr or DEFAULT_LR, device=device, out=str(out) if out else None,
+        refresh=refresh)
     start = time.perf_counter()
     try:
         result = pipeline(**params)

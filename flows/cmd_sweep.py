@@ -27,9 +27,10 @@ from flows.cmd_run import LAYERS_HELP, parse_layers, prefect_defaults
 @click.option("--train-tokens", type=int, default=None,
               help="Training tokens per layer.  [default: 200000]")
 @click.option("--eval-tokens", type=int, default=None,
-              help="Held-out tokens for metrics and latents.  [default: 16384]")
+              help="Held-out tokens for metrics and latents.  [default: 8192]")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence.  [default: 128]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=None, help="Adam learning rate.  [default: 1e-3]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--task-runner", type=click.Choice(["thread", "dask", "ray"]), default="thread",
               show_default=True,
@@ -44,7 +45,7 @@ from flows.cmd_run import LAYERS_HELP, parse_layers, prefect_defaults
               help="Warehouse directory (default $MLSAE_HOME, else ./mlsae-data).")
 @click.option("--refresh", is_flag=True, help="Recompute every step instead of reusing the cache.")
 def command(models, data, expansion_factors, ks, lens, layers, baselines, train_tokens,
-            eval_tokens, seq_len, seed, device, task_runner, max_workers, runner_address,
+            eval_tokens, seq_len, seed, lr, device, task_runner, max_workers, runner_address,
             gpu_slots, out, refresh) -> None:
     """Run the pipeline over a grid of configs (and models), concurrently.
 
@@ -59,7 +60,12 @@ def command(models, data, expansion_factors, ks, lens, layers, baselines, train_
     """
     prefect_defaults()
     from flows.cmd_run import print_example_queries, print_outputs
-    from flows.pipeline import DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, DEFAULT_TRAIN_TOKENS
+    from flows.pipeline import (
+        DEFAULT_EVAL_TOKENS,
+        DEFAULT_LR,
+        DEFAULT_SEQ_LEN,
+        DEFAULT_TRAIN_TOKENS,
+    )
     from flows.sweep import sweep
     from tasks.validate import InvalidParameters
 
@@ -72,7 +78,8 @@ def command(models, data, expansion_factors, ks, lens, layers, baselines, train_
             layers=parse_layers(layers), baselines=baselines,
             train_tokens=train_tokens or DEFAULT_TRAIN_TOKENS,
             eval_tokens=eval_tokens or DEFAULT_EVAL_TOKENS, seq_len=seq_len or DEFAULT_SEQ_LEN,
-            seed=seed, device=device, task_runner=task_runner, max_workers=max_workers,
+            seed=seed, lr=lr or DEFAULT_LR, device=device, task_runner=task_runner,
+            max_workers=max_workers,
             runner_address=runner_address, gpu_slots=gpu_slots,
             out=str(out) if out else None, refresh=refresh)
     except InvalidParameters as err:

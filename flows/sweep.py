@@ -22,6 +22,7 @@ from prefect import flow
 
 from flows.pipeline import (
     DEFAULT_EVAL_TOKENS,
+    DEFAULT_LR,
     DEFAULT_SEQ_LEN,
     DEFAULT_TRAIN_TOKENS,
     PipelineResult,
@@ -94,6 +95,7 @@ def sweep(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
+    lr: float = DEFAULT_LR,
     device: str = "auto",
     task_runner: str = "thread",
     max_workers: int = 2,
@@ -125,7 +127,7 @@ def sweep(
             plans.append(check_pipeline_parameters(
                 model=model, data=data, expansion_factors=list(expansion_factors), ks=list(ks),
                 layers=layers, lens=list(lenses), baselines=baselines, train_tokens=train_tokens,
-                eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, device=device))
+                eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, lr=lr, device=device))
         except InvalidParameters as err:
             problems.append(f"{model}: {err}")
     if max_workers < 1:

@@ -35,13 +35,14 @@ def sae_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str
 
 
 def train_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str | None,
-                 train_tokens: int, seed: int, device: str):
-    """TrainConfig of one planned autoencoder: the budget, ~10 resume checkpoints per run."""
+                 train_tokens: int, seed: int, lr: float, device: str):
+    """TrainConfig of one planned autoencoder: the budget, the learning rate, ~10 resume
+    checkpoints per run."""
     from mlsae.sae import TrainConfig
 
     batch_tokens = min(BATCH_TOKENS, train_tokens)
     n_steps = max(1, train_tokens // batch_tokens)
     return TrainConfig(
         sae=sae_config({**spec, "train_tokens": train_tokens}, model, data, lens),
-        train_tokens=train_tokens, batch_tokens=batch_tokens, seed=seed, device=device,
+        train_tokens=train_tokens, batch_tokens=batch_tokens, lr=lr, seed=seed, device=device,
         checkpoint_every=max(1, n_steps // CHECKPOINTS_PER_RUN))

@@ -38,12 +38,12 @@ def autoencoder_dir(out: str, sae_id: str) -> Path:
 @task(name="train-autoencoder", cache_policy=CACHE_POLICY)
 def train_autoencoder(spec: dict[str, Any], model: dict[str, Any], data: str,
                       cache: CacheManifest, lens: LensManifest | None, train_tokens: int,
-                      seed: int, device: str, out: str) -> TrainManifest:
+                      seed: int, lr: float, device: str, out: str) -> TrainManifest:
     """Train (or finish training) one MLSAE / single-layer SAE of the plan."""
     from mlsae.cache import ActivationCache
     from mlsae.sae import train_sae
 
-    cfg = train_config(spec, model, data, lens["lens"] if lens else None, train_tokens, seed,
+    cfg = train_config(spec, model, data, lens["lens"] if lens else None, train_tokens, seed, lr,
                        device)
     run_dir = autoencoder_dir(out, spec["sae_id"])
     basis = None

@@ -55,6 +55,7 @@ class PipelinePlan(TypedDict):
     eval_tokens: int
     seq_len: int
     seed: int
+    lr: float
     device: str
     specs: list[SAESpec]
 
@@ -98,10 +99,12 @@ def inspect_model(model: str | None) -> ModelInfo:
 
 
 def sae_id_for(model: ModelInfo, data: str, seq_len: int, train_tokens: int, seed: int,
-               expansion_factor: int, k: int, layers: list[int], lens: bool, role: str) -> str:
+               lr: float, expansion_factor: int, k: int, layers: list[int], lens: bool,
+               role: str) -> str:
     """A readable, deterministic id: <model>-R<R>-k<k>-<layers>[-lens]-<hash of everything>."""
     identity = dict(model=model["name"], data=data, seq_len=seq_len, train_tokens=train_tokens,
-                    seed=seed, expansion_factor=expansion_factor, k=k, layers=layers, lens=lens)
+                    seed=seed, lr=lr, expansion_factor=expansion_factor, k=k, layers=layers,
+                    lens=lens)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     where = f"L{layers[0]}" if role == "baseline" else (
         "all" if layers == list(range(model["n_layers"])) else "L" + "_".join(map(str, layers)))
@@ -125,7 +128,7 @@ def check_pipeline_parameters(
     model: str | None, data: str | None, expansion_factors: list[int], ks: list[int],
     layers: list[int] | None, lens: bool | list[bool], baselines: bool, train_tokens: int,
     eval_tokens: int,
-    seq_len: int, seed: int = 0, device: str = "auto",
+    seq_len: int, seed: int = 0, device: str = "auto", lr: float = 1e-3,
 ) -> PipelinePlan:
     """Every check that needs no compute; raise InvalidParameters listing all problems.
 
@@ -206,8 +209,8 @@ def check_pipeline_parameters(
                 def spec(role: str, spec_layers: list[int], r=int(r), k=int(k),
                          use_lens=use_lens) -> SAESpec:
                     return SAESpec(
-                        sae_id=sae_id_for(info, data_name, seq_len, train_tokens, seed, r, k,
-                                          spec_layers, use_lens, role),
+                        sae_id=sae_id_for(info, data_name, seq_len, train_tokens, seed, lr, r,
+                                          k, spec_layers, use_lens, role),
                         role=role, expansion_factor=r, k=k, layers=spec_layers, lens=use_lens,
                         n_latents=r * d_model)
                 specs.append(spec("mlsae", chosen))
@@ -219,14 +222,14 @@ def check_pipeline_parameters(
     for spec in specs:
         try:
             train_config(spec, info, data_name, "tuned-lens" if spec["lens"] else None,
-                         int(train_tokens), int(seed), device)
+                         int(train_tokens), int(seed), float(lr), device)
         except ValueError as err:
             problems.append(f"{spec['sae_id']}: {err}")
     if problems:
         raise InvalidParameters("invalid parameters:\n  - " + "\n  - ".join(problems))
     return PipelinePlan(model=info, data=data_name, layers=chosen, train_tokens=int(train_tokens),
                         eval_tokens=int(eval_tokens), seq_len=int(seq_len), seed=int(seed),
-                        device=device, specs=specs)
+                        lr=float(lr), device=device, specs=specs)
 
 
 @task(name="validate-parameters", cache_policy=NO_CACHE)
