@@ -99,3 +99,15 @@ def test_encode_returns_post_relu_topk_for_latent_logging():
         out = sae.encode(torch.randn(20, 16))
     assert out.top_acts_NK.shape == out.top_idx_NK.shape == (20, 4)
     assert (out.top_acts_NK >= 0).all() and out.aux_idx_NA.shape == (20, 0)
+
+
+def test_bfloat16_encoder_matmul_option_trains():
+    sae = MLSAE(_cfg())
+    opt = make_optimizer(sae, lr=1e-2)
+    x = torch.randn(128, 16) * 3
+    slot = torch.arange(128) % 3
+    sae.init_bias(x)
+    first = train_step(sae, opt, x, slot, 3, compute_dtype=torch.bfloat16)
+    for _ in range(20):
+        last = train_step(sae, opt, x, slot, 3, compute_dtype=torch.bfloat16)
+    assert 0 < last.fvu < first.fvu and sae.W_enc_MD.dtype == torch.float32
