@@ -83,6 +83,32 @@ def test_streamed_training_and_spliced_evaluation_on_a_tiny_model(tiny_loaded, t
         assert m.kl == pytest.approx(0, abs=1e-6)
 
 
+def test_tuned_lens_basis_trains_and_evaluates_in_the_model_basis(tiny_loaded, tmp_path):
+    from mlsae.lens import TunedLensBasis
+
+    gen = torch.Generator().manual_seed(0)
+    basis = TunedLensBasis(torch.randn(2, 32, 32, generator=gen) * 0.05,
+                           torch.randn(2, 32, generator=gen), name="tuned-lens:tiny")
+    data = DataConfig(split="train", seq_len=32)
+    shards = list(stream_activations(ExtractConfig(data=data, max_sequences=24,
+                                                   shard_sequences=8, device="cpu"),
+                                     loaded=tiny_loaded, log=lambda line: None))
+    cfg = TrainConfig(SAEConfig(d_model=32, n_layers=2, expansion_factor=4, k=8, k_aux=16,
+                                lens="tuned-lens:tiny"),
+                      train_tokens=64 * 10, batch_tokens=64, lr=2e-3, shuffle_tokens=256)
+    result = train_sae(cfg, shards, tmp_path / "run", basis=basis, progress_log=print)
+    test = DataConfig(split="test", seq_len=32)
+    with_lens = evaluate_sae(result.sae, tiny_loaded, test, basis=basis, max_tokens=4 * 32,
+                             splice=False, progress_log=lambda line: None)
+    without = evaluate_sae(result.sae, tiny_loaded, test, max_tokens=4 * 32, splice=False,
+                           progress_log=lambda line: None)
+    assert all(0 < m.fvu < 1 for m in with_lens)
+    # block 0 is translated: reading its raw vectors as lens-basis ones changes the metrics
+    assert with_lens[0].mse != pytest.approx(without[0].mse, rel=1e-3)
+    # the last block is never translated (SPEC 3): identical either way
+    assert with_lens[1].mse == pytest.approx(without[1].mse, rel=1e-6)
+
+
 @pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not committed yet")
 def test_embedded_model_multi_and_single_layer_training_lower_held_out_fvu(tmp_path):
     loaded = load_model(None, device="cpu")
