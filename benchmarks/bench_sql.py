@@ -12,6 +12,9 @@ dead) and each layer fires 32 of them, so latents are active at several layers o
 a token, as in real MLSAEs. Every query runs in a fresh process (so its peak RSS
 is its own) with the given threads and memory limit. Targets (issue 4): each view
 within 5x the bare scan; 100M rows analysed in < 1 min on 2 cores in 24 GiB.
+Besides wall seconds it reports each query's CPU seconds: on a shared machine the
+wall time of a 2-thread query stretches with the load, its CPU time much less
+(quiet-machine wall time ~= CPU seconds / threads for these parallel scans).
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, {repo!r})
 engine, query, root, threads, memory = sys.argv[1:6]
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
 t0 = time.perf_counter()
 if engine == "duckdb":
     from mlsae.warehouse import connect
@@ -94,13 +102,13 @@ if engine == "duckdb":
                     "sum(seq_id) FROM latents",
            "token_groups": "SELECT count(*) FROM (SELECT seq_id, pos, latent, sum(value) "
                            "FROM latents GROUP BY ALL)"}}.get(query, f"SELECT * FROM {{query}}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     out = con.sql(sql).to_arrow_table()
     n = out.num_rows
 else:
     import polars as pl
     from mlsae import analysis_polars as ap
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     lat = ap.scan_table(root, "latents")
     if query == "bare":
         frame = lat.select(pl.len(), pl.col("value").sum())
@@ -113,10 +121,12 @@ else:
         frame = getattr(ap, query)(root)
     n = frame.collect(engine="streaming").height
 seconds = time.perf_counter() - t0
+cpu_seconds = cpu() - c0
 # VmHWM (not ru_maxrss, which keeps the forking parent's size across exec)
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()
 peak = int(status[0]) * 1024
-print(json.dumps({{"seconds": seconds, "peak_bytes": peak, "rows": n}}))
+print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": peak,
+                  "rows": n}}))
 """
 
 
@@ -228,6 +238,7 @@ def main() -> None:
                 ratio = best["seconds"] / timings["bare"]["seconds"]
                 print(f"  {engine:7s} {query:17s} {best['seconds']:8.2f}s  "
                       f"{n_rows / best['seconds'] / 1e6:7.1f} M rows/s  x{ratio:5.1f} bare  "
+                      f"cpu {best['cpu_seconds']:7.2f}s  "
                       f"peak {best['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
             total = sum(t.get("seconds", float("nan")) for q, t in timings.items() if q in VIEWS)
             print(f"  {engine:7s} all three views    {total:8.2f}s", flush=True)

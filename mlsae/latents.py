@@ -3,7 +3,7 @@
 `log_latents` runs the model and the SAE over the test split and writes, for one
 sae_id, the `latents` rows (every positive post-ReLU activation of every unmasked
 token at every layer), the `tokens` rows and the `saes` row. It streams: memory is
-bounded by one batch plus one row group whatever the token count.
+bounded by one part's token ids, one batch and one row group whatever the token count.
 
 Resumable: the sequences are cut into fixed parts; part i is written as
 tokens/.../part-i.parquet then latents/.../part-i.parquet, each atomically, and a
@@ -411,14 +411,15 @@ def latent_batch_rows(sae_id: str, seq_offset: int, mask_BT: np.ndarray, layers_
 # --------------------------------------------------------------------------- with a real SAE
 
 def _sae_fingerprint(sae_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in sae_dir.iterdir() if p.is_file()):
-        stat = (sae_dir / name).stat()
-        digest.update(f"{name}:{stat.st_size}".encode())
-    config = sae_dir / "config.json"
-    if config.exists():
-        digest.update(config.read_bytes())
-    return digest.hexdigest()[:16]
+    """A content hash of the saved SAE (weights + config), so a retrained SAE under the
+    same sae_id is caught and a copied one is not."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in sae_dir.iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def sae_record_from_config(sae_id: str, sae_config: Any, model_name: str,
