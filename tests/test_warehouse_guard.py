@@ -132,3 +132,16 @@ def test_cli_setup_script_runs_in_plain_duckdb(root):
     con = duckdb.connect()
     con.execute(result.stdout)
     assert con.execute("SELECT n_live FROM variance_summary").fetchone()[0] > 0
+
+
+def test_setup_sql_in_the_warehouse_uses_relative_paths(root, tmp_path, monkeypatch):
+    import shutil
+
+    import duckdb
+
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # a warehouse copied elsewhere still works
+    monkeypatch.chdir(moved)
+    con = duckdb.connect()
+    con.execute((moved / "setup.sql").read_text())
+    assert con.execute("SELECT count(*) FROM latent_stats").fetchone()[0] > 0
