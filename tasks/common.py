@@ -138,14 +138,17 @@ def gpu_slot(device: str) -> Iterator[None]:
 
 
 def ensure_gpu_limit(slots: int | None = None) -> int | None:
-    """Create (or resize) the `mlsae-gpu` global concurrency limit: one slot per GPU
-    unless `slots` says otherwise. Returns the slot count, or None without a GPU."""
+    """Make sure the `mlsae-gpu` global concurrency limit exists.
+
+    With `slots`, create it with that many slots or resize it (`mlsae deploy --gpu-slots`).
+    Without, create it with one slot per visible GPU if it is missing and leave an existing
+    one alone (an operator may have sized it). Returns the slot count, or None when no
+    GPU is visible and no size was given.
+    """
     import torch
 
-    if slots is None:
-        if not torch.cuda.is_available():
-            return None
-        slots = torch.cuda.device_count()
+    if slots is None and not torch.cuda.is_available():
+        return None
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import (
         GlobalConcurrencyLimitCreate,
@@ -156,10 +159,13 @@ def ensure_gpu_limit(slots: int | None = None) -> int | None:
     with get_client(sync_client=True) as client:
         try:
             limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-            if limit.limit != slots or not limit.active:
-                client.update_global_concurrency_limit(
-                    GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=slots, active=True))
         except ObjectNotFound:
+            size = slots or torch.cuda.device_count()
             client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots, active=True))
-    return slots
+                GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=size, active=True))
+            return size
+        if slots is not None and (limit.limit != slots or not limit.active):
+            client.update_global_concurrency_limit(
+                GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=slots, active=True))
+            return slots
+        return limit.limit

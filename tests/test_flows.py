@@ -319,8 +319,10 @@ def test_gpu_slots_keep_two_tasks_off_one_gpu(prefect_api, monkeypatch):
     import mlsae.models
     from tasks.common import GPU_LIMIT, ensure_gpu_limit, gpu_slot
 
-    assert ensure_gpu_limit(1) == 1
-    assert ensure_gpu_limit(1) == 1  # idempotent
+    assert ensure_gpu_limit(3) == 3  # created
+    assert ensure_gpu_limit(1) == 1  # resized
+    if not torch.cuda.is_available():
+        assert ensure_gpu_limit() is None  # no GPU, no size: nothing to guard
     # Pretend "auto" resolves to a GPU; the limit lives on the Prefect server.
     monkeypatch.setattr(mlsae.models, "resolve_device", lambda device: torch.device("cuda"))
     holding, overlaps = [], []
