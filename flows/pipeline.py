@@ -82,7 +82,8 @@ def submit_model(plan: PipelinePlan, out: Path, steps: dict[str, Any]
         train_tokens=plan["train_tokens"], seq_len=plan["seq_len"], device=device, out=where)
     lens = None
     if any(spec["lens"] for spec in plan["specs"]):
-        lens = steps["prepare-lens"].submit(model=model["name"], device=device, out=where)
+        lens = steps["prepare-lens"].submit(model=model["name"], data=plan["data"],
+                                            device=device, out=where)
     trained: list[PrefectFuture] = []
     evaluated: list[PrefectFuture] = []
     analyses: dict[str, PrefectFuture] = {}

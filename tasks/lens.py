@@ -22,14 +22,23 @@ def lens_cache_dir(out: str) -> Path:
 
 
 @task(name="prepare-lens", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def prepare_lens(model: str, device: str, out: str) -> LensManifest:
-    """Find or train the lens once per model; later tasks load it by name."""
+def prepare_lens(model: str, data: str, device: str, out: str) -> LensManifest:
+    """Find or train the lens once per model; later tasks load it by name.
+
+    A lens that has to be trained here learns on the pipeline's own text when that is a
+    local file or directory (else the embedded corpus), in sequences of up to 256 tokens.
+    """
+    from mlsae.hooks import max_positions
     from mlsae.lens import load_basis
+    from mlsae.lens_train import LensTrainConfig
     from mlsae.models import load_model
 
     loaded = load_model(model, device=device)
+    local = data not in ("", "embedded") and Path(data).exists()
+    train = LensTrainConfig(data=data if local else None,
+                            seq_len=min(256, max_positions(loaded.model) or 256))
     with gpu_slot(device):
-        basis = load_basis("auto", loaded, cache_dir=lens_cache_dir(out))
+        basis = load_basis("auto", loaded, train=train, cache_dir=lens_cache_dir(out))
     run_logger().info("tuned lens for %s: %s", model, basis.name)
     return LensManifest(lens=str(basis.name), condition_max=float(basis.condition_L.max()))
 
