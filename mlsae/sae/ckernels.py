@@ -10,9 +10,10 @@ which costs about a third of the encoder matmul at SAE shapes. This kernel reads
 each row twice while it sits in L2: pass 1 takes the minimum over k disjoint
 blocks of each block's maximum, a lower bound on the row's k-th largest value
 (those k maxima are k distinct entries); pass 2 keeps only the entries at or
-above it (about 3k of them for typical pre-activations, AVX-512 compress when
-available) and a quickselect picks the k largest. The result equals torch.topk's
-up to order (sorted=False) and ties.
+above it (about 4k of them for typical pre-activations, AVX-512 compress when
+available); a branch-free radix select on the candidates' order-preserving
+integer keys picks the k largest. The result equals torch.topk's up to order
+(sorted=False) and the choice among ties.
 
 The shared library is built with the system C compiler into a per-user cache
 (`$MLSAE_KERNEL_DIR`, else `$XDG_CACHE_HOME/mlsae/kernels`, else ~/.cache/...)
@@ -42,29 +43,11 @@ log = logging.getLogger(__name__)
 
 C_SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-
-/* Move the k largest of v[0..n) (with their indices) to the front, unordered. */
-static void quickselect(float* v, int32_t* ix, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float p = v[lo + ((hi - lo) >> 1)];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > p) i++;
-            while (v[j] < p) j--;
-            if (i <= j) {
-                float tv = v[i]; v[i] = v[j]; v[j] = tv;
-                int32_t ti = ix[i]; ix[i] = ix[j]; ix[j] = ti;
-                i++; j--;
-            }
-        }
-        if (k - 1 <= j) hi = j; else if (k - 1 >= i) lo = i; else break;
-    }
-}
 
 static float block_max(const float* x, int64_t n) {
     float m = -INFINITY;
@@ -78,8 +61,10 @@ static float block_max(const float* x, int64_t n) {
     return m;
 }
 
-/* Entries >= thr into (bv, bi); bv/bi hold M + 16 slots (full-vector stores). */
-static int64_t collect(const float* x, int64_t M, float thr, float* bv, int32_t* bi) {
+/* Entries >= thr into (bv, bi); bv/bi hold M + 16 slots (full-vector stores). Dense hits
+   (branchless) suit short rows; sparse hits (branch per vector) suit long rows. */
+static int64_t collect(const float* x, int64_t M, float thr, int branchless, float* bv,
+                       int32_t* bi) {
     int64_t c = 0, j = 0;
 #ifdef __AVX512F__
     const __m512 t = _mm512_set1_ps(thr);
@@ -88,7 +73,7 @@ static int64_t collect(const float* x, int64_t M, float thr, float* bv, int32_t*
     for (; j + 16 <= M; j += 16) {
         __m512 v = _mm512_loadu_ps(x + j);
         __mmask16 mk = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ);
-        if (mk) {
+        if (branchless || mk) {
             /* compress in registers, then a plain store: memory-destination compress is slow on Zen 4 */
             _mm512_storeu_ps(bv + c, _mm512_maskz_compress_ps(mk, v));
             _mm512_storeu_si512((void*)(bi + c), _mm512_maskz_compress_epi32(mk, iv));
@@ -101,9 +86,44 @@ static int64_t collect(const float* x, int64_t M, float thr, float* bv, int32_t*
     return c;
 }
 
+/* Order-preserving unsigned key of a float (NaN is mapped to -inf by the caller). */
+static inline uint32_t fkey(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static int64_t count_ge(const uint32_t* key, int64_t n, uint32_t t) {
+    int64_t cnt = 0, j = 0;
+#ifdef __AVX512F__
+    const __m512i tv = _mm512_set1_epi32((int)t);
+    for (; j + 16 <= n; j += 16)
+        cnt += __builtin_popcount((unsigned)_mm512_cmpge_epu32_mask(
+            _mm512_loadu_si512((const void*)(key + j)), tv));
+#endif
+    for (; j < n; j++) cnt += key[j] >= t;
+    return cnt;
+}
+
+/* The k largest of (v, ix)[0..n): build the k-th largest key bit by bit (32 vectorized
+   counting passes, no data-dependent branches), then copy those above it and ties. */
+static void radix_select(const float* v, const int32_t* ix, uint32_t* key, int64_t n, int64_t k,
+                         float* out_v, int64_t* out_i) {
+    for (int64_t j = 0; j < n; j++) key[j] = fkey(v[j]);
+    uint32_t T = 0;
+    for (int b = 31; b >= 0; b--) {
+        uint32_t t2 = T | (1u << b);
+        if (count_ge(key, n, t2) >= k) T = t2;
+    }
+    int64_t o = 0;
+    for (int64_t j = 0; j < n; j++) if (key[j] > T) { out_v[o] = v[j]; out_i[o] = ix[j]; o++; }
+    for (int64_t j = 0; j < n && o < k; j++) if (key[j] == T) { out_v[o] = v[j]; out_i[o] = ix[j]; o++; }
+}
+
 void mlsae_topk_rows(const float* pre, int64_t ld, int64_t M, int64_t k, int64_t r0, int64_t r1,
-                     float* vals, int64_t* idx, float* bv, int32_t* bi) {
+                     float* vals, int64_t* idx, float* bv, int32_t* bi, uint32_t* key) {
     const int64_t g = M / k;
+    const int branchless = M <= 128 * k;  /* ~4k hits: most vectors of a short row hold one */
     for (int64_t r = r0; r < r1; r++) {
         const float* x = pre + r * ld;
         float thr = INFINITY;
@@ -112,13 +132,12 @@ void mlsae_topk_rows(const float* pre, int64_t ld, int64_t M, int64_t k, int64_t
             float m = block_max(x + lo, len);
             thr = m < thr ? m : thr;
         }
-        int64_t c = collect(x, M, thr, bv, bi);
+        int64_t c = collect(x, M, thr, branchless, bv, bi);
         if (c < k) {  /* NaNs spoilt the bound: rank every entry, NaN as -inf */
             for (int64_t j = 0; j < M; j++) { bv[j] = isnan(x[j]) ? -INFINITY : x[j]; bi[j] = (int32_t)j; }
             c = M;
         }
-        if (c > k) quickselect(bv, bi, c, k);
-        for (int64_t s = 0; s < k; s++) { vals[r * k + s] = bv[s]; idx[r * k + s] = bi[s]; }
+        radix_select(bv, bi, key, c, k, vals + r * k, idx + r * k);
     }
 }
 
@@ -189,7 +208,7 @@ def _build() -> ctypes.CDLL | None:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_void_p]
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         sort = lib.mlsae_counting_sort
         sort.restype = ctypes.c_int
         sort.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -233,16 +252,16 @@ def topk(pre_NM: Tensor, k: int, threads: int | None = None) -> tuple[Tensor, Te
     if threads is None:  # small inputs: a second thread costs more than it saves
         threads = torch.get_num_threads() if n * m >= 1 << 20 else 1
     threads = max(1, min(threads, n))
-    bufs = [(torch.empty(m + 16, dtype=torch.float32), torch.empty(m + 16, dtype=torch.int32))
-            for _ in range(threads)]
+    bufs = [(torch.empty(m + 16, dtype=torch.float32), torch.empty(m + 16, dtype=torch.int32),
+             torch.empty(m + 16, dtype=torch.int32)) for _ in range(threads)]
     fn = _library().mlsae_topk_rows
     args = (pre_NM.data_ptr(), pre_NM.stride(0), m, k)
     bounds = [n * i // threads for i in range(threads + 1)]
 
     def run(i: int) -> None:
-        bv, bi = bufs[i]
+        bv, bi, key = bufs[i]
         fn(*args, bounds[i], bounds[i + 1], vals_NK.data_ptr(), idx_NK.data_ptr(),
-           bv.data_ptr(), bi.data_ptr())
+           bv.data_ptr(), bi.data_ptr(), key.data_ptr())
 
     if threads == 1:
         run(0)
