@@ -115,27 +115,27 @@ def test_embedded_model_multi_and_single_layer_training_lower_held_out_fvu(tmp_p
     n_layers = loaded.model.config.num_hidden_layers
     d_model = loaded.model.config.hidden_size
     cache = extract_to_cache(
-        ExtractConfig(data=DataConfig(split="train", max_sequences=40), batch_size=8,
-                      shard_sequences=20, device="cpu"),
+        ExtractConfig(data=DataConfig(split="train", max_sequences=24), batch_size=8,
+                      shard_sequences=12, device="cpu"),
         tmp_path / "cache", loaded=loaded, log=lambda line: None)
     held_out = list(stream_activations(
         ExtractConfig(data=DataConfig(split="test", max_sequences=8), batch_size=8,
                       shard_sequences=8, device="cpu"), loaded=loaded, log=lambda line: None))
     sae_cfg = SAEConfig(d_model=d_model, n_layers=n_layers, expansion_factor=8, k=32,
                         k_aux=256, dead_tokens=5000)
-    multi = train_sae(TrainConfig(sae_cfg, train_tokens=40 * 512, batch_tokens=512, lr=1e-3),
+    multi = train_sae(TrainConfig(sae_cfg, train_tokens=20 * 512, batch_tokens=512, lr=2e-3),
                       cache, tmp_path / "multi", progress_log=lambda line: None)
     fvu = reconstruction_metrics(multi.sae, held_out, source_layers=list(range(n_layers)))
     assert len(fvu) == n_layers
-    assert mean_over_layers(fvu).fvu < 0.5, fvu  # "well below 1" after ~20k tokens
+    assert mean_over_layers(fvu).fvu < 0.5, fvu  # "well below 1" (~0.26) after 10k tokens
     single_cfg = SAEConfig(d_model=d_model, n_layers=n_layers, layers=[3], expansion_factor=8,
                            k=32, k_aux=256, dead_tokens=5000)
-    single = train_sae(TrainConfig(single_cfg, train_tokens=40 * 512, batch_tokens=512,
-                                   lr=1e-3), cache, tmp_path / "single",
+    single = train_sae(TrainConfig(single_cfg, train_tokens=20 * 512, batch_tokens=512,
+                                   lr=2e-3), cache, tmp_path / "single",
                        progress_log=lambda line: None)
     (m_single,) = reconstruction_metrics(single.sae, held_out, source_layers=list(range(n_layers)))
     assert m_single.layer == 3 and m_single.fvu < 0.5
-    metrics = evaluate_sae(multi.sae, loaded, DataConfig(split="test"), max_tokens=4 * 256,
+    metrics = evaluate_sae(multi.sae, loaded, DataConfig(split="test"), max_tokens=2 * 256,
                            progress_log=lambda line: None)
     assert [m.layer for m in metrics] == list(range(n_layers))
     assert all(m.kl > 0 and math.isfinite(m.delta_ce) for m in metrics)
