@@ -172,6 +172,8 @@ def test_sweep_runs_the_grid_with_a_thread_pool(first_run):
 # after every step (4 steps of 4096 tokens).
 RESUME = ["-R", "16", "-k", "16", "--train-tokens", "16384", "--eval-tokens", "256",
           "--seq-len", "64", "--no-baselines"]
+RESUME_PARAMS = dict(expansion_factors=[16], ks=[16], train_tokens=16384, eval_tokens=256,
+                     seq_len=64, baselines=False)
 
 
 def _mlsae_run(out: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -189,8 +191,12 @@ def _checkpoints(out: Path) -> list[Path]:
 def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefect_api, tmp_path):
     import shutil
 
-    # Subprocesses with one thread each, so the killed, resumed and clean runs do the
-    # same floating-point work and must agree bit for bit.
+    import torch
+
+    from flows.pipeline import pipeline
+
+    # One thread everywhere, so the killed, resumed and clean runs do the same
+    # floating-point work and must agree bit for bit.
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1"}
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
     proc = _mlsae_run(killed_out, env)
@@ -214,9 +220,12 @@ def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefec
     # the activation cache (saves the forward passes, changes nothing).
     clean_out.mkdir()
     shutil.copytree(killed_out / "activations", clean_out / "activations")
-    clean = _mlsae_run(clean_out, env)
-    output, _ = clean.communicate(timeout=240)
-    assert clean.returncode == 0, output
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same floating-point work as the subprocesses
+    try:
+        pipeline(**RESUME_PARAMS, out=str(clean_out))
+    finally:
+        torch.set_num_threads(threads)
     for query in ("SELECT sae_id, seq_id, pos, layer, latent, value FROM latents ORDER BY ALL",
                   "SELECT * FROM tokens ORDER BY ALL",
                   "SELECT * EXCLUDE (created_at, config) FROM saes ORDER BY ALL",
