@@ -9,6 +9,7 @@ own PREFECT_HOME, `mlsae deploy` (process work pool + `prefect deploy --all`),
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,10 +41,15 @@ def deployment_ids(server: PrefectServer) -> dict[str, dict]:
             for d in server.api("POST", "deployments/filter", {})}
 
 
-def trigger(server: PrefectServer, deployment: dict, parameters: dict) -> str:
-    run = server.api("POST", f"deployments/{deployment['id']}/create_flow_run",
-                     {"parameters": parameters})
-    return run["id"]
+def trigger(server: PrefectServer, name: str, parameters: dict) -> str:
+    """`prefect deployment run NAME -p key=JSON ...`, as docs/deploy.md shows; the run's id."""
+    argv = ["deployment", "run", name]
+    for key, value in parameters.items():
+        argv += ["-p", f"{key}={json.dumps(value)}"]
+    output = server.run_cli(*argv).stdout
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+    assert match, output
+    return match.group(1)
 
 
 def wait_for(server: PrefectServer, run_id: str, timeout_s: float) -> dict:
@@ -65,12 +71,12 @@ def runs_of(server: PrefectServer, deployment: dict) -> list[dict]:
 def test_deploy_worker_pipeline_and_rerun(tmp_path):
     warehouse = tmp_path / "warehouse"
     tiny = save_tiny_model(tmp_path / "models" / "tiny")
-    registry = tmp_path / "models.yaml"
     small_params = {**SMALL, "baselines": False}
-    registry.write_text(yaml.safe_dump({"models": [
-        {"model": "embedded", "parameters": small_params},
-        {"model": str(tiny), "parameters": small_params},
-    ]}))
+    registry = tmp_path / "models.yaml"  # the registry file holds the embedded model...
+    registry.write_text(yaml.safe_dump({"models": [{"model": "embedded",
+                                                    "parameters": small_params}]}))
+    # ...and the Prefect Variable adds the tiny one (docs/deploy.md, step 5).
+    variable = json.dumps([{"model": str(tiny), "parameters": small_params}])
     # No scheduler service: the rerun's cron schedule is registered, but no
     # scheduled run may start in the middle of the test. Workers poll fast.
     server_env = {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
@@ -80,7 +86,7 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
         # 1. Deploy: `mlsae deploy` creates the process pool and deploys prefect.yaml.
         deployed = server.run([MLSAE_BIN, "deploy", "--out", str(warehouse), "--gpu-slots", "0"],
                               timeout_s=180)
-        assert "mlsae-pipeline/default" in deployed.stdout
+        assert "created process work pool 'mlsae-process'" in deployed.stdout
         deployments = deployment_ids(server)
         assert {"mlsae-pipeline/default", "mlsae-sweep/default",
                 "mlsae-rerun/default"} <= set(deployments)
@@ -95,8 +101,7 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
                          name="worker")
 
         # 3. The pipeline deployment, with small budgets.
-        run_id = trigger(server, pipeline_deployment, small_params)
-        run = wait_for(server, run_id, timeout_s=240)
+        run = wait_for(server, trigger(server, "mlsae-pipeline/default", small_params), 240)
         assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
         (n_saes, model), = table_rows(warehouse, "SELECT count(*), any_value(model) FROM saes")
         assert (n_saes, model) == (1, "embedded")
@@ -105,10 +110,11 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
         assert list((warehouse / "figures" / "embedded").rglob("*.png"))
 
         # 4. The rerun deployment: the embedded model has results, the tiny one does
-        # not -> exactly one pipeline run (through the pipeline deployment).
+        # not -> exactly one more pipeline run, through the pipeline deployment.
+        server.run_cli("variable", "set", "mlsae_models", variable)
         runs_before = len(runs_of(server, pipeline_deployment))
-        run_id = trigger(server, rerun_deployment, {"registry": str(registry), "variable": ""})
-        run = wait_for(server, run_id, timeout_s=240)
+        rerun_params = {"registry": str(registry)}
+        run = wait_for(server, trigger(server, "mlsae-rerun/default", rerun_params), 240)
         assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
         pipeline_runs = runs_of(server, pipeline_deployment)
         assert len(pipeline_runs) == runs_before + 1
@@ -119,7 +125,7 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
         assert models == {"embedded", str(tiny)}
 
         # 5. Idempotent: nothing new -> no pipeline run.
-        run_id = trigger(server, rerun_deployment, {"registry": str(registry), "variable": ""})
+        run_id = trigger(server, "mlsae-rerun/default", rerun_params)
         run = wait_for(server, run_id, timeout_s=120)
         assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
         assert len(runs_of(server, pipeline_deployment)) == runs_before + 1
