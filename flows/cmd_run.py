@@ -96,7 +96,8 @@ def print_example_queries(out: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Warehouse directory (default $MLSAE_HOME, else ./mlsae-data).")
 @click.option("--refresh", is_flag=True,
-              help="Recompute every step instead of reusing cached results.")
+              help="Ignore cached task results and re-run every task (finished outputs in the "
+                   "warehouse are still reused: use it after deleting some of them).")
 def command(model, data, expansion_factors, ks, layers, lens, baselines, train_tokens,
             eval_tokens, seq_len, seed, lr, device, out, refresh) -> None:
     """Run the whole pipeline for one model: extract, train, evaluate, log latents,

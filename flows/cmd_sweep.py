@@ -43,7 +43,9 @@ from flows.cmd_run import LAYERS_HELP, parse_layers, prefect_defaults
               help="Concurrent GPU tasks (default: one per visible GPU).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Warehouse directory (default $MLSAE_HOME, else ./mlsae-data).")
-@click.option("--refresh", is_flag=True, help="Recompute every step instead of reusing the cache.")
+@click.option("--refresh", is_flag=True,
+              help="Ignore cached task results and re-run every task (finished outputs in the "
+                   "warehouse are still reused).")
 def command(models, data, expansion_factors, ks, lens, layers, baselines, train_tokens,
             eval_tokens, seq_len, seed, lr, device, task_runner, max_workers, runner_address,
             gpu_slots, out, refresh) -> None:

@@ -1,8 +1,9 @@
 """The pipeline flow: one model, one or more SAE configs, every step of the paper.
 
-    validate (no compute) -> extract block outputs once -> [lens] ->
-    for each config (MLSAE over the layers, and a single-layer SAE per layer as
-    baselines): train -> evaluate -> log latents -> analyse -> figures
+    validate (no compute) -> extract block outputs once -> [tuned lens] ->
+    each MLSAE config:             train -> log latents -> evaluate -> analyse
+    its single-layer baselines:    train -> evaluate
+    -> figures
 
 Each step is a task in tasks/ returning a small manifest; tasks are cached by
 their inputs in the warehouse, so rerunning the same flow skips finished work,
@@ -160,7 +161,9 @@ def pipeline(
             the short budgets used here.
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
         out: the warehouse directory (default $MLSAE_HOME, else ./mlsae-data).
-        refresh: ignore cached task results and recompute every step.
+        refresh: ignore Prefect's cached task results and re-run every task; each step
+            still reuses its finished outputs in the warehouse (delete them to recompute).
+            Use it after deleting part of a warehouse.
     """
     out_dir = resolve_out(out)
     plan = validate_parameters(

@@ -117,7 +117,7 @@ def sweep(
         runner_address: address of an existing Dask scheduler / Ray cluster.
         gpu_slots: size of the `mlsae-gpu` limit (default: one per visible GPU).
         out: the warehouse directory.
-        refresh: recompute every step even when cached.
+        refresh: ignore cached task results (finished warehouse outputs are still reused).
     """
     out_dir = resolve_out(out)
     plans: list[PipelinePlan] = []
