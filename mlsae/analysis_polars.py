@@ -84,21 +84,23 @@ def _sequence_groups(warehouse_dir: str | os.PathLike) -> list[list[str]]:
 def _seq_moments_of(latents: pl.LazyFrame, layer_map: pl.LazyFrame) -> pl.LazyFrame:
     a = pl.col("value").cast(pl.Float64)
     i = pl.col("layer_idx").cast(pl.Float64)
+    bit = pl.lit(2, dtype=pl.UInt64).pow(pl.col("layer_idx").cast(pl.UInt64))
     per_token = (
         latents.join(layer_map, on=["sae_id", "layer"])
         .group_by("sae_id", "seq_id", "pos", "latent")
         .agg(count=pl.len(), m=a.sum(), s1=(a * i).sum(), s2=(a * i * i).sum(),
-             lo=i.min(), hi=i.max())
-        .with_columns(mv=pl.when(pl.col("lo") == pl.col("hi")).then(0.0).otherwise(
+             layer_mask=bit.bitwise_or())
+        .with_columns(mv=pl.when(pl.col("count") == 1).then(0.0).otherwise(
             (pl.col("s2") - pl.col("s1") ** 2 / pl.col("m")).clip(lower_bound=0.0)))
     )
     m, s1, s2 = pl.col("m"), pl.col("s1"), pl.col("s2")
     return (
         per_token.group_by("sae_id", "seq_id", "latent")
         .agg(count=pl.col("count").sum(), n_tokens=pl.len(), mass=m.sum(), s1=s1.sum(),
-             s2=s2.sum(), token_mv=pl.col("mv").sum(),
-             prompt_mv=pl.when(pl.col("lo").min() == pl.col("hi").max()).then(0.0).otherwise(
-                 (s2.sum() - s1.sum() ** 2 / m.sum()).clip(lower_bound=0.0)),
+             s2=s2.sum(), layer_mask=pl.col("layer_mask").bitwise_or(),
+             token_mv=pl.col("mv").sum(),
+             prompt_mv=pl.when(pl.col("layer_mask").bitwise_or().bitwise_count_ones() == 1)
+             .then(0.0).otherwise((s2.sum() - s1.sum() ** 2 / m.sum()).clip(lower_bound=0.0)),
              sum_e=(s1 / m).sum(), sum_e2=(s2 / m).sum(), sum_v=(pl.col("mv") / m).sum())
     )
 
@@ -110,6 +112,10 @@ def latent_seq_moments(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
     Unlike the SQL it aggregates file by file when no sequence spans two files (the
     logger's parts), which keeps Polars' hash tables small; the result is the same."""
     layer_map = sae_layers(warehouse_dir).select("sae_id", "layer", "layer_idx")
+    widest = scan_table(warehouse_dir, "saes").select(pl.col("layers").list.len().max()).collect()
+    if (widest.item() or 0) > 64:
+        raise ValueError("the Polars versions handle SAEs over at most 64 layers (a UInt64 "
+                         "layer mask); use the SQL views (up to 127 layers)")
     groups = _sequence_groups(warehouse_dir)
     if not groups:
         return _seq_moments_of(scan_table(warehouse_dir, "latents"), layer_map)
@@ -122,19 +128,24 @@ def latent_seq_moments(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
 def latent_stats(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
     """sql/latent_stats.sql: sae_id, latent, count, mass, n_layers_active, expected_layer,
     layer_var, layer_std, relative_std, token_var, prompt_var."""
-    dist = latent_layers(warehouse_dir).with_columns(
-        e=(pl.col("p") * pl.col("layer_idx")).sum().over("sae_id", "latent"))
-    over_layers = dist.group_by("sae_id", "latent").agg(
-        count=pl.col("count").sum(), mass=pl.col("mass").sum(), n_layers_active=pl.len(),
-        expected_layer=pl.col("e").first(),
-        layer_var=(pl.col("p") * (pl.col("layer_idx") - pl.col("e")) ** 2).sum())
-    within = latent_seq_moments(warehouse_dir).group_by("sae_id", "latent").agg(
-        token_var=pl.col("token_mv").sum() / pl.col("mass").sum(),
-        prompt_var=pl.col("prompt_mv").sum() / pl.col("mass").sum())
+    return _latent_stats_of(latent_seq_moments(warehouse_dir), warehouse_dir)
+
+
+def _latent_stats_of(seq_moments: pl.LazyFrame, warehouse_dir) -> pl.LazyFrame:
+    mass, s1, s2 = pl.col("mass"), pl.col("s1"), pl.col("s2")
     n_layers = scan_table(warehouse_dir, "saes").select(
         "sae_id", n_layers=pl.col("layers").list.len())
     return (
-        over_layers.join(within, on=["sae_id", "latent"]).join(n_layers, on="sae_id")
+        seq_moments.group_by("sae_id", "latent")
+        .agg(count=pl.col("count").sum(), mass=mass.sum(), s1=s1.sum(), s2=s2.sum(),
+             n_layers_active=pl.col("layer_mask").bitwise_or().bitwise_count_ones(),
+             token_mv=pl.col("token_mv").sum(), prompt_mv=pl.col("prompt_mv").sum())
+        .join(n_layers, on="sae_id")
+        .with_columns(
+            expected_layer=s1 / mass,
+            layer_var=pl.when(pl.col("n_layers_active") == 1).then(0.0).otherwise(
+                (s2 - s1 ** 2 / mass).clip(lower_bound=0.0) / mass),
+            token_var=pl.col("token_mv") / mass, prompt_var=pl.col("prompt_mv") / mass)
         .with_columns(layer_std=pl.col("layer_var").sqrt())
         .with_columns(relative_std=pl.col("layer_std") / pl.col("n_layers"))
         .select("sae_id", "latent", "count", "mass", "n_layers_active", "expected_layer",
@@ -144,7 +155,8 @@ def latent_stats(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
 
 def variance_summary(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
     """sql/variance_summary.sql: one row per SAE (see there for the columns)."""
-    live = latent_stats(warehouse_dir).group_by("sae_id").agg(
+    seq_moments = latent_seq_moments(warehouse_dir)
+    live = _latent_stats_of(seq_moments, warehouse_dir).group_by("sae_id").agg(
         n_live=pl.len(), mean_layer_var=pl.col("layer_var").mean(),
         mean_prompt_var=pl.col("prompt_var").mean(), mean_token_var=pl.col("token_var").mean(),
         mean_layer_std=pl.col("layer_std").mean(),
@@ -152,7 +164,7 @@ def variance_summary(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
         mean_relative_std=pl.col("relative_std").mean())
     seq_len = scan_table(warehouse_dir, "tokens").group_by("sae_id", "seq_id").agg(t=pl.len())
     per_seq = (
-        latent_seq_moments(warehouse_dir).join(seq_len, on=["sae_id", "seq_id"])
+        seq_moments.join(seq_len, on=["sae_id", "seq_id"])
         .group_by("sae_id", "seq_id")
         .agg(a_sum_t=(pl.col("sum_e2") - pl.col("sum_e") ** 2 / pl.col("t")).sum(),
              b_sum_t=pl.col("sum_v").sum())

@@ -13,7 +13,7 @@
 --   ref_var_aggregated = mean_s A_s,  ref_var_token = mean_s B_s,
 --   ref_rel_var = mean_s (B_s / A_s)  (the reference code's rel_var_t; sequences with
 --   A_s = 0 are skipped), ref_n_sequences.
--- depends: latent_stats, latent_seq_moments, latent_layers, tokens, saes
+-- depends: latent_stats, latent_seq_moments, tokens, saes
 -- Parameters: none.
 -- Columns: sae_id, n_latents, n_live, mean_layer_var, mean_prompt_var, mean_token_var,
 --          ratio_token, ratio_prompt, mean_layer_std, std_layer_std, mean_relative_std,
@@ -28,7 +28,7 @@ live AS (
            avg(token_var) AS mean_token_var,
            avg(layer_std) AS mean_layer_std, stddev_pop(layer_std) AS std_layer_std,
            avg(relative_std) AS mean_relative_std
-    FROM latent_stats_of(seq_moments, latent_layers)
+    FROM latent_stats_of(seq_moments)
     GROUP BY sae_id
 ),
 seq_len AS (
