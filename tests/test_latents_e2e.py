@@ -53,7 +53,11 @@ def logged(request, tmp_path_factory):
     loaded = load_model(source, device="cpu")
     L = n_layers(loaded.model)
     d = loaded.model.config.hidden_size
-    sae_cfg = SAEConfig(d_model=d, n_layers=L, expansion_factor=8, k=8, model=loaded.name)
+    # On the tiny model k is half the latents, so many top-k pre-activations are <= 0 or
+    # tiny: L0 then differs from k and from the row count, and the threshold matters.
+    k = 128 if request.param == "tiny" else 8
+    sae_cfg = SAEConfig(d_model=d, n_layers=L, expansion_factor=8, k=k, k_aux=k,
+                        model=loaded.name)
     train_data = DataConfig(split="train", seq_len=64, max_sequences=48)
     stream = stream_activations(ExtractConfig(model=source, data=train_data, device="cpu",
                                               dtype="float32", shard_sequences=16), loaded)
