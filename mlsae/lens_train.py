@@ -32,14 +32,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class LensTrainConfig:
-    steps: int = 300
-    """Optimizer steps."""
+    steps: int = 120
+    """Optimizer steps (the embedded model: 120 x 8 x 256 tokens reach ~3.7x below the logit
+    lens's mean KL; 200 steps at a lower lr gain only 2% more)."""
     batch_size: int = 8
     """Sequences per step."""
     seq_len: int = 256
     """Tokens per sequence."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate (linear warmup, then linear decay to 0)."""
+    lr: float = 1e-2
+    """Peak AdamW learning rate (linear warmup, then linear decay to 0). Tuned on a width-256
+    model; lower it for much wider models if training diverges."""
     warmup_steps: int | None = None
     """Steps of linear warmup (None = steps // 10)."""
     weight_decay: float = 1e-3

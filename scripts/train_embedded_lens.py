@@ -9,13 +9,16 @@ and writes, in --out:
   kl.png, README.md        the card
 
 Usage:  python scripts/train_embedded_lens.py [--model embedded] [--out mlsae/embedded/lens]
-Seeded; the default run takes ~3-5 minutes on 2 CPU threads.
+Seeded; the default run takes ~5 minutes on one CPU thread (plus ~1 minute of evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
+import resource
 import shlex
 import sys
 from dataclasses import asdict
@@ -38,8 +41,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=LensTrainConfig.seq_len)
     p.add_argument("--lr", type=float, default=LensTrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences for KL")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences for KL")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a busy 2-core machine 2 threads run slower)")
     p.add_argument("--device", default="auto")
     return p.parse_args()
 
@@ -125,14 +129,30 @@ tuned lens {sum(kl['tuned']) / L:.4f}.
   tokens), lr {cfg['lr']} (linear warmup {cfg['warmup_steps']} steps, linear decay),
   weight decay {cfg['weight_decay']}, seed {cfg['seed']}; translators start at zero (= logit lens)
 - loss: sum over translators of mean KL(final || lens); the model is frozen
-- {meta['seconds']:.0f} s on {meta['threads']} CPU threads (torch {meta['torch']})
+- {meta['seconds']:.0f} s wall, {meta['cpu_seconds']:.0f} s of CPU time, on {meta['threads']} CPU thread(s)
+  (torch {meta['torch']}; the shared machine's load average was {meta['load_average']} at the start)
 - condition numbers of I + A (max over layers): {meta['max_condition']:.3g}, so the
   inverse is well posed in float32
 """
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc returning the big [tokens, vocab] buffers to the OS after every step.
+
+    Each fresh 64 MB allocation otherwise page-faults in again: ~0.4 s of system
+    time per step, 15-20% of the run.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: only slower
+        pass
+
+
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = LensTrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -141,7 +161,11 @@ def main() -> None:
     tok = loaded.tokenizer
     train_BT, train_mask = corpus_sequences(tok, cfg.data, "train", cfg.seq_len,
                                             cfg.steps * cfg.batch_size)
+    load = os.getloadavg()[0]
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     result = train_lens(loaded.model, train_BT, cfg, train_mask, name=loaded.name)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     test_BT, test_mask = corpus_sequences(tok, cfg.data, "test", cfg.seq_len,
                                           args.eval_sequences)
     kl = lens_kl(loaded.model, result.lens, test_BT, test_mask)
@@ -153,7 +177,8 @@ def main() -> None:
         "model": loaded.name, "d_model": loaded.model.config.hidden_size,
         "command": "python scripts/train_embedded_lens.py " + shlex.join(sys.argv[1:]),
         "config": asdict(cfg), "steps": result.steps, "tokens": result.tokens,
-        "seconds": round(result.seconds, 1), "threads": args.threads,
+        "seconds": round(result.seconds, 1), "cpu_seconds": round(cpu_s, 1),
+        "load_average": round(load, 2), "threads": args.threads,
         "torch": torch.__version__.split("+")[0],
         "eval_sequences": len(test_BT), "eval_tokens": kl.n_tokens,
         "kl": {"tuned": kl.tuned_L.round(5).tolist(), "logit": kl.logit_L.round(5).tolist()},
