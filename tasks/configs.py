@@ -37,8 +37,16 @@ def sae_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str
 def train_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str | None,
                  train_tokens: int, seed: int, lr: float, device: str):
     """TrainConfig of one planned autoencoder: the budget, the learning rate, ~10 resume
-    checkpoints per run."""
+    checkpoints per run.
+
+    A single-layer baseline gets its own seed (seed + 1 + its layer): with the MLSAE's
+    seed it would start from the very same decoder, and MMCS between the two
+    dictionaries would measure the shared initialisation, not what they learned.
+    """
     from mlsae.sae import TrainConfig
+
+    if spec["role"] == "baseline":
+        seed = seed + 1 + spec["layers"][0]
 
     batch_tokens = min(BATCH_TOKENS, train_tokens)
     n_steps = max(1, train_tokens // batch_tokens)
