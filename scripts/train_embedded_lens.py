@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a busy 2-core machine 2 threads run slower)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--card-only", action="store_true",
+                   help="only re-render README.md and kl.png from --out/training.json")
     return p.parse_args()
 
 
@@ -114,8 +116,9 @@ logit lens is the same read-out with no translator.
 | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
-Mean over the {L} translated stream indices: logit lens {sum(kl['logit']) / L:.4f},
-tuned lens {sum(kl['tuned']) / L:.4f}.
+Mean over the stream indices the SAE sees translated (1..{L - 1}, blocks 0..{L - 2}): logit lens
+{sum(kl['logit'][1:]) / (L - 1):.4f}, tuned lens {sum(kl['tuned'][1:]) / (L - 1):.4f}; over all {L} translators:
+{sum(kl['logit']) / L:.4f} and {sum(kl['tuned']) / L:.4f}.
 
 ![KL per layer and training loss](kl.png)
 
@@ -150,8 +153,17 @@ def keep_freed_memory() -> None:
         pass
 
 
+def write_card(out: Path, meta: dict) -> None:
+    plot_kl(meta["kl"]["tuned"], meta["kl"]["logit"], out / "kl.png", meta["loss_history"])
+    (out / "README.md").write_text(card(meta))
+
+
 def main() -> None:
     args = parse_args()
+    if args.card_only:
+        out = Path(args.out)
+        write_card(out, json.loads((out / "training.json").read_text()))
+        return
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -175,7 +187,7 @@ def main() -> None:
     out = Path(args.out)
     meta = {
         "model": loaded.name, "d_model": loaded.model.config.hidden_size,
-        "command": "python scripts/train_embedded_lens.py " + shlex.join(sys.argv[1:]),
+        "command": " ".join(["python scripts/train_embedded_lens.py", shlex.join(sys.argv[1:])]).strip(),
         "config": asdict(cfg), "steps": result.steps, "tokens": result.tokens,
         "seconds": round(result.seconds, 1), "cpu_seconds": round(cpu_s, 1),
         "load_average": round(load, 2), "threads": args.threads,
@@ -186,8 +198,7 @@ def main() -> None:
         "loss_history": [round(x, 5) for x in result.loss_history],
     }
     save_lens(result.lens.to("cpu"), out, meta)
-    plot_kl(kl.tuned_L, kl.logit_L, out / "kl.png", result.loss_history)
-    (out / "README.md").write_text(card(meta))
+    write_card(out, meta)
     print(json.dumps(meta["kl"], indent=1))
 
 

@@ -255,3 +255,29 @@ def test_auto_trains_once_then_reuses(tiny_neox, tmp_path, monkeypatch):
     assert calls == ["train"] and second.name == str(lens_dir)
     x = torch.randn(4, 32)
     torch.testing.assert_close(first.to_sae(x, 0), second.to_sae(x, 0))
+
+
+def test_committed_embedded_lens_fits_the_embedded_model():
+    import json
+
+    from mlsae.models import load_model
+    from mlsae.paths import EMBEDDED_LENS_DIR
+
+    loaded = load_model(None, device="cpu")
+    basis = load_basis("embedded", loaded)
+    assert isinstance(basis, TunedLensBasis) and basis.name == "embedded"
+    assert (basis.n_layers, basis.d_model) == (6, 256)
+    card = json.loads((EMBEDDED_LENS_DIR / "training.json").read_text())
+    assert all(t < lg for t, lg in zip(card["kl"]["tuned"], card["kl"]["logit"], strict=True))
+    # Real activations of the real model round-trip through the committed lens.
+    ids = loaded.tokenizer("And God said, Let there be light: and there was light. "
+                           "To be, or not to be, that is the question.",
+                           return_tensors="pt")["input_ids"]
+    blocks, _ = block_outputs(loaded.model, ids)
+    for layer, x in enumerate(blocks):
+        torch.testing.assert_close(basis.from_sae(basis.to_sae(x, layer), layer), x,
+                                   rtol=1e-4, atol=1e-4)
+    # tuned-lens itself loads it, and it beats the logit lens on held-out-like text.
+    lens = TunedLens.from_model_and_pretrained(loaded.model, str(EMBEDDED_LENS_DIR))
+    kl = lens_kl(loaded.model, lens, ids)
+    assert (kl.tuned_L[1:] < kl.logit_L[1:]).all(), kl
