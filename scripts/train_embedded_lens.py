@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import resource
@@ -28,7 +29,7 @@ import torch
 
 from mlsae.lens_train import LensTrainConfig, corpus_sequences, lens_kl, save_lens, train_lens
 from mlsae.models import load_model
-from mlsae.paths import EMBEDDED_LENS_DIR
+from mlsae.paths import EMBEDDED_LENS_DIR, EMBEDDED_MODEL_DIR
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,7 +88,7 @@ def card(meta: dict) -> str:
     return f"""# Tuned lens for the embedded model
 
 A [tuned lens](https://github.com/AlignmentResearch/tuned-lens) for `{meta['model']}`
-({L} blocks, width {meta['d_model']}): one affine translator T_i(h) = h + A_i h + c_i
+({L} blocks, width {meta['d_model']}; weights sha256 `{(meta.get('model_sha256') or '?')[:16]}...`): one affine translator T_i(h) = h + A_i h + c_i
 per stream index i (0 = embeddings, i = output of block i-1), trained so that
 unembedding T_i(h_i) predicts the model's final distribution. mlsae uses it as
 a change of basis before the MLSAE (SPEC 3): the output of block l is mapped
@@ -153,6 +154,12 @@ def keep_freed_memory() -> None:
         pass
 
 
+def weights_sha256(model: str) -> str | None:
+    """sha256 of a local model's model.safetensors: which weights the lens was trained for."""
+    path = (EMBEDDED_MODEL_DIR if model == "embedded" else Path(model)) / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def write_card(out: Path, meta: dict) -> None:
     plot_kl(meta["kl"]["tuned"], meta["kl"]["logit"], out / "kl.png", meta["loss_history"])
     (out / "README.md").write_text(card(meta))
@@ -186,7 +193,8 @@ def main() -> None:
     basis = TunedLensBasis.from_lens(result.lens)
     out = Path(args.out)
     meta = {
-        "model": loaded.name, "d_model": loaded.model.config.hidden_size,
+        "model": loaded.name, "model_sha256": weights_sha256(args.model),
+        "d_model": loaded.model.config.hidden_size,
         "command": " ".join(["python scripts/train_embedded_lens.py", shlex.join(sys.argv[1:])]).strip(),
         "config": asdict(cfg), "steps": result.steps, "tokens": result.tokens,
         "seconds": round(result.seconds, 1), "cpu_seconds": round(cpu_s, 1),
