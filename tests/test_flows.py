@@ -166,6 +166,28 @@ def test_sweep_runs_the_grid_with_a_thread_pool(first_run):
     assert all(Path(p).exists() for p in result["figures"])
 
 
+def test_pipeline_in_the_tuned_lens_basis(prefect_api, tmp_path):
+    """--lens: the lens task finds (here: a quickly trained) lens for the model, the SAE
+    trains in its basis and everything downstream maps back through it."""
+    from flows.pipeline import pipeline
+    from mlsae.lens import trained_lens_dir
+    from mlsae.lens_train import LensTrainConfig, train_lens_for_model
+    from mlsae.models import load_model
+
+    tiny = save_tiny_model(tmp_path / "tiny", n_layers=3)
+    out = tmp_path / "warehouse"
+    # Where the lens task looks for a lens it trained earlier: a 3-step lens saves minutes.
+    lens_dir = trained_lens_dir(str(tiny), out / "lenses")
+    train_lens_for_model(load_model(str(tiny), device="cpu"), lens_dir,
+                         LensTrainConfig(steps=3, batch_size=2, seq_len=64))
+    result = pipeline(model=str(tiny), lens=True, baselines=False, **SMALL, out=str(out))
+    ((lens, sae_id),) = table_rows(out, "SELECT lens, sae_id FROM saes")
+    assert sae_id == result["mlsae_ids"][0] and "-lens-" in sae_id
+    assert lens == str(lens_dir)
+    assert table_rows(out, "SELECT count(*) FROM variance_summary")[0][0] == 1
+    assert all(Path(p).exists() for p in result["figures"])
+
+
 # -- a run killed in the middle of training --------------------------------------------------
 
 # A dictionary big enough that a training step takes a while, and a resume checkpoint
