@@ -77,9 +77,8 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
                                                     "parameters": small_params}]}))
     # ...and the Prefect Variable adds the tiny one (docs/deploy.md, step 5).
     variable = json.dumps([{"model": str(tiny), "parameters": small_params}])
-    # No scheduler service: the rerun's cron schedule is registered, but no
-    # scheduled run may start in the middle of the test. Workers poll fast.
-    server_env = {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    # The scheduler looks for new schedules every 2 s; workers poll every second.
+    server_env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
                   "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with PrefectServer(tmp_path / "server", extra_env=server_env) as server:
@@ -92,6 +91,7 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
                 "mlsae-rerun/default"} <= set(deployments)
         rerun_deployment = deployments["mlsae-rerun/default"]
         assert [s["schedule"].get("cron") for s in rerun_deployment["schedules"]] == ["0 3 * * *"]
+        check_cron_runs_then_pause(server, rerun_deployment)
         pipeline_deployment = deployments["mlsae-pipeline/default"]
         assert pipeline_deployment["work_pool_name"] == "mlsae-process"
         assert pipeline_deployment["parameters"]["out"] == str(warehouse)
@@ -130,6 +130,23 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
         assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
         assert len(runs_of(server, pipeline_deployment)) == runs_before + 1
         assert wait_for_log(server, run_id, "nothing to do")
+
+
+def check_cron_runs_then_pause(server: PrefectServer, deployment: dict) -> None:
+    """The server's scheduler turns the cron schedule into runs at 03:00 UTC. Then pause
+    it and drop those runs, so none can start while the test runs (say at 02:59)."""
+    deadline = time.monotonic() + 60
+    while not (scheduled := runs_of(server, deployment)):
+        assert time.monotonic() < deadline, "the scheduler created no run for the cron schedule"
+        time.sleep(1.0)
+    for run in scheduled:
+        assert run["state"]["type"] == "SCHEDULED"
+        assert run["expected_start_time"][11:16] == "03:00", run["expected_start_time"]
+    for schedule in deployment["schedules"]:
+        server.api("PATCH", f"deployments/{deployment['id']}/schedules/{schedule['id']}",
+                   {"active": False})
+    for run in runs_of(server, deployment):
+        server.api("DELETE", f"flow_runs/{run['id']}")
 
 
 def wait_for_log(server: PrefectServer, run_id: str, text: str, timeout_s: float = 15) -> bool:
