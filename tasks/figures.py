@@ -59,11 +59,50 @@ def _expected_layer_hist(out: str, sae_id: str, n_layers: int, path: Path) -> Pa
                                                  path, f"Expected layer of latents\n{sae_id}")
 
 
-def _decoder_rows(sae_dir: str):
+def _prompt_heatmap(sae, loaded, basis, layers: list[int], title: str, path: Path) -> Path:
+    from mlsae import figures
+
+    prompt = figures.prompt_activations(sae, loaded, figures.FIG3_PROMPT, basis)
+    return figures.plot_layer_heatmap(
+        figures.prompt_distribution(prompt, len(layers)), path,
+        f'{title}\n"{figures.FIG3_PROMPT}" (Fig. 3)', layer_labels=layers)
+
+
+def _per_layer(manifest: EvalManifest | None, layers: list[int], metric: str) -> list[float]:
+    """One value per layer (NaN where the manifest has none)."""
+    rows = {row["layer"]: row for row in (manifest or {}).get("layers", [])}
+    value = [rows.get(layer, {}).get(metric) for layer in layers]
+    return [float("nan") if v is None else v for v in value]
+
+
+def _metrics_vs_baselines(layers: list[int], mlsae: EvalManifest,
+                          baselines: dict[int, EvalManifest], path: Path) -> Path:
+    from mlsae import figures
+
+    metrics = ("fvu", "delta_ce")
+    # Baseline l contributes only its own layer.
+    peer = {m: [_per_layer(baselines.get(layer), [layer], m)[0] for layer in layers]
+            for m in metrics}
+    return figures.plot_metrics_vs_baselines(
+        layers, {m: _per_layer(mlsae, layers, m) for m in metrics},
+        peer if baselines else None, path)
+
+
+def _mmcs(sae, baseline_dirs: dict[int, str], path: Path) -> Path:
+    """MMCS within the MLSAE and each single-layer SAE, and between the MLSAE and each."""
     from mlsae import figures
     from mlsae.sae import MLSAE
 
-    return figures.decoder_rows(MLSAE.from_pretrained(sae_dir))
+    mlsae_rows = figures.decoder_rows(sae)
+    labels, values = ["within MLSAE"], [figures.mmcs(mlsae_rows)]
+    between_labels, between = [], []
+    for layer, sae_dir in sorted(baseline_dirs.items()):
+        rows = figures.decoder_rows(MLSAE.from_pretrained(sae_dir))
+        labels.append(f"within layer-{layer} SAE")
+        values.append(figures.mmcs(rows))
+        between_labels.append(f"MLSAE vs layer-{layer} SAE")
+        between.append(figures.mmcs_between(mlsae_rows, rows))
+    return figures.plot_mmcs(labels + between_labels, values + between, path)
 
 
 @task(name="draw-model-figures", cache_policy=CACHE_POLICY)
@@ -79,57 +118,35 @@ def draw_model_figures(plan: PipelinePlan, cache: CacheManifest, lens: LensManif
 
     model = plan["model"]
     fig_dir = Path(out) / "figures" / model["slug"]
-    paths: list[Path] = []
     sample = figures.residual_sample(ActivationCache.open(cache["cache_dir"]))
-    stats = figures.residual_similarity(sample)
-    paths.append(figures.plot_residual_similarity(
-        {model["slug"]: stats}, fig_dir / "fig1_residual_similarity.png"))
-
+    paths = [figures.plot_residual_similarity({model["slug"]: figures.residual_similarity(sample)},
+                                              fig_dir / "fig1_residual_similarity.png")]
     specs = {spec["sae_id"]: spec for spec in plan["specs"]}
     trained_by_id = {t["sae_id"]: t for t in trained}
     metrics_by_id = {m["sae_id"]: m for m in metrics}
-    loaded = None
+    loaded = load_model(model["name"], device=plan["device"])
     for sae_id, spec in specs.items():
         if spec["role"] != "mlsae":
             continue
-        sae_dir = fig_dir / sae_id
-        layers = spec["layers"]
-        paths.append(_heatmap(out, sae_id, layers, sae_dir / "fig2_layer_heatmap.png"))
-        loaded = loaded or load_model(model["name"], device=plan["device"])
-        sae = MLSAE.from_pretrained(trained_by_id[sae_id]["sae_dir"])
-        sae.to(next(loaded.model.parameters()).device).eval()
-        basis = load_lens(lens, loaded, out) if spec["lens"] else None
-        with gpu_slot(plan["device"]):
-            prompt = figures.prompt_activations(sae, loaded, figures.FIG3_PROMPT, basis)
-        paths.append(figures.plot_layer_heatmap(
-            figures.prompt_distribution(prompt, len(layers)), sae_dir / "fig3_prompt_heatmap.png",
-            f'{sae_id}\n"{figures.FIG3_PROMPT}" (Fig. 3)', layer_labels=layers))
-        paths.append(_expected_layer_hist(out, sae_id, len(layers),
-                                          sae_dir / "expected_layer_histogram.png"))
-
-        # The single-layer SAEs of the same (R, k, lens), one per layer.
+        sae_dir, layers = fig_dir / sae_id, spec["layers"]
+        # Its single-layer baselines: same (R, k, lens), one per layer.
         peers = {s["layers"][0]: s["sae_id"] for s in specs.values() if s["role"] == "baseline"
                  and (s["expansion_factor"], s["k"], s["lens"])
                  == (spec["expansion_factor"], spec["k"], spec["lens"])}
-        by_layer = {row["layer"]: row for row in metrics_by_id[sae_id]["layers"]}
-        baseline_rows = {layer: {row["layer"]: row for row in metrics_by_id[b]["layers"]}
-                         .get(layer, {}) for layer, b in peers.items()}
-        nan = float("nan")
-        paths.append(figures.plot_metrics_vs_baselines(
-            layers,
-            {m: [by_layer.get(layer, {}).get(m, nan) for layer in layers]
-             for m in ("fvu", "delta_ce")},
-            {m: [(baseline_rows.get(layer, {}).get(m) if baseline_rows.get(layer) else nan)
-                 for layer in layers] for m in ("fvu", "delta_ce")} if peers else None,
+        sae = MLSAE.from_pretrained(trained_by_id[sae_id]["sae_dir"])
+        sae.to(next(loaded.model.parameters()).device).eval()
+        basis = load_lens(lens, loaded, out) if spec["lens"] else None
+        paths.append(_heatmap(out, sae_id, layers, sae_dir / "fig2_layer_heatmap.png"))
+        with gpu_slot(plan["device"]):
+            paths.append(_prompt_heatmap(sae, loaded, basis, layers, sae_id,
+                                         sae_dir / "fig3_prompt_heatmap.png"))
+        paths.append(_expected_layer_hist(out, sae_id, len(layers),
+                                          sae_dir / "expected_layer_histogram.png"))
+        paths.append(_metrics_vs_baselines(
+            layers, metrics_by_id[sae_id], {layer: metrics_by_id[b] for layer, b in peers.items()},
             sae_dir / "metrics_vs_baselines.png"))
-
-        mlsae_rows = figures.decoder_rows(sae)
-        labels, values = ["MLSAE (within)"], [figures.mmcs(mlsae_rows)]
-        for layer, b in sorted(peers.items()):
-            rows = _decoder_rows(trained_by_id[b]["sae_dir"])
-            labels.append(f"MLSAE vs layer-{layer} SAE")
-            values.append(figures.mmcs_between(mlsae_rows, rows))
-        paths.append(figures.plot_mmcs(labels, values, sae_dir / "mmcs.png"))
+        paths.append(_mmcs(sae, {layer: trained_by_id[b]["sae_dir"] for layer, b in peers.items()},
+                           sae_dir / "mmcs.png"))
 
     summary = [(specs[a["sae_id"]], a["variance_summary"][0]) for a in analyses
                if a["variance_summary"]]
