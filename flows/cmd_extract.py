@@ -11,17 +11,8 @@ from pathlib import Path
 
 import click
 
+from flows.cmd_run import parse_layers
 from mlsae.paths import default_warehouse
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError as err:
-        raise click.BadParameter(f"{text!r}: give comma-separated block indices like 0,1,2 "
-                                 "or 'all'", param_hint="--layers") from err
 
 
 @click.command("extract")
@@ -62,7 +53,7 @@ def command(model, data_source, split, text_column, seq_len, layers, max_sequenc
             model=model,
             data=DataConfig(source=data_source, split=split, seq_len=seq_len,
                             text_column=text_column),
-            layers=_parse_layers(layers), batch_size=batch_size,
+            layers=parse_layers(layers), batch_size=batch_size,
             shard_sequences=shard_sequences, dtype=dtype, device=device,
             max_sequences=max_sequences, model_dtype=model_dtype,
         )
