@@ -18,6 +18,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny tensors gain nothing from two, and on a loaded
+    machine lose up to ~20x to OpenMP synchronisation. Use via pytest.mark.usefixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_neox():
     """A random 3-block GPT-NeoX (Pythia architecture), eval mode, fp32."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM

@@ -20,7 +20,6 @@ import yaml
 from tests.prefect_server import PrefectServer
 from tests.test_flows_support import (
     SMALL,
-    embedded_model_ready,
     save_tiny_model,
     table_rows,
 )
@@ -28,7 +27,6 @@ from tests.test_flows_support import (
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(480),
-    pytest.mark.skipif(not embedded_model_ready(), reason="the embedded model is not trained yet"),
 ]
 
 MLSAE_BIN = str(Path(sys.executable).with_name("mlsae"))

@@ -21,15 +21,12 @@ from tests.test_flows_support import (
     MLSAE_FIGURES,
     MODEL_FIGURES,
     SMALL,
-    embedded_model_ready,
     save_tiny_model,
     snapshot,
     table_rows,
 )
 
 pytestmark = pytest.mark.timeout(300)
-needs_embedded = pytest.mark.skipif(not embedded_model_ready(),
-                                    reason="the embedded model is not trained yet")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +65,6 @@ def task_states(flow_run_id) -> dict[str, str]:
     return {run.name: run.state.name for run in runs}
 
 
-@needs_embedded
 def test_pipeline_writes_every_table_view_and_figure(first_run):
     out, result = first_run
     assert len(result["mlsae_ids"]) == 1
@@ -98,7 +94,6 @@ def test_pipeline_writes_every_table_view_and_figure(first_run):
     assert result["variance_summary"][0]["n_live"] > 0
 
 
-@needs_embedded
 def test_second_identical_run_hits_the_caches_and_writes_nothing(first_run):
     from flows.pipeline import pipeline
 
@@ -113,7 +108,6 @@ def test_second_identical_run_hits_the_caches_and_writes_nothing(first_run):
     assert snapshot(out) == before
 
 
-@needs_embedded
 @pytest.mark.parametrize("bad, message", [
     ({"model": "no/such/model/dir"}, "does not exist"),
     ({"ks": [100_000]}, "k=100000 > n_latents=512"),
@@ -132,7 +126,6 @@ def test_bad_parameters_fail_the_run_before_any_compute(prefect_api, tmp_path, b
     assert time.perf_counter() - start < 30
 
 
-@needs_embedded
 def test_rerun_gives_only_new_models_the_pipeline_and_is_idempotent(first_run, tmp_path):
     from flows.rerun import rerun
 
@@ -150,7 +143,6 @@ def test_rerun_gives_only_new_models_the_pipeline_and_is_idempotent(first_run, t
     assert again["started"] == [] and sorted(again["done_before"]) == sorted(["embedded", str(tiny)])
 
 
-@needs_embedded
 def test_sweep_runs_the_grid_with_a_thread_pool(first_run):
     from flows.sweep import sweep
 
@@ -209,7 +201,6 @@ def _checkpoints(out: Path) -> list[Path]:
     return list(root.rglob("checkpoint.pt")) if root.exists() else []
 
 
-@needs_embedded
 def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefect_api, tmp_path):
     import shutil
 

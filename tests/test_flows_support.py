@@ -23,10 +23,6 @@ MLSAE_FIGURES = ("fig2_layer_heatmap.png", "fig3_prompt_heatmap.png",
 MODEL_FIGURES = ("fig1_residual_similarity.png", "layer_std_by_config.png")
 
 
-def embedded_model_ready() -> bool:
-    return (EMBEDDED_MODEL_DIR / "config.json").exists()
-
-
 def save_tiny_model(directory: Path, n_layers: int = 2, d_model: int = 32) -> Path:
     """A random GPT-NeoX with the embedded tokenizer (same vocab), saved like a user's model."""
     import torch

@@ -17,8 +17,6 @@ import torch
 from mlsae import warehouse as wh
 from mlsae.paths import EMBEDDED_MODEL_DIR
 
-EMBEDDED_READY = (EMBEDDED_MODEL_DIR / "config.json").exists()
-
 
 def tiny_model_dir(root):
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
@@ -46,8 +44,6 @@ def logged(request, tmp_path_factory):
     from mlsae.sae.evaluate import evaluate_sae
     from mlsae.sae.train import train_sae
 
-    if request.param == "embedded" and not EMBEDDED_READY:
-        pytest.skip("the embedded model's weights are not in mlsae/embedded/model yet")
     root = tmp_path_factory.mktemp(f"e2e-{request.param}")
     source = "embedded" if request.param == "embedded" else tiny_model_dir(root / "model")
     loaded = load_model(source, device="cpu")

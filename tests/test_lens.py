@@ -22,14 +22,7 @@ from mlsae.lens import (
 from mlsae.lens_train import LensTrainConfig, lens_kl, new_lens, save_lens, train_lens
 from mlsae.models import LoadedModel
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from 2 threads, and on a loaded machine lose ~20x to OpenMP sync."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_lens(model, scale: float = 0.5, seed: int = 0) -> TunedLens:

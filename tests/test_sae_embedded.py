@@ -19,15 +19,7 @@ from mlsae.sae import SAEConfig, TrainConfig, evaluate_sae, mean_over_layers, tr
 from mlsae.sae import evaluate as ev
 from mlsae.sae.evaluate import reconstruction_metrics
 
-HAS_EMBEDDED = (EMBEDDED_MODEL_DIR / "model.safetensors").exists()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +101,6 @@ def test_tuned_lens_basis_trains_and_evaluates_in_the_model_basis(tiny_loaded, t
     assert with_lens[1].mse == pytest.approx(without[1].mse, rel=1e-6)
 
 
-@pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not committed yet")
 def test_embedded_model_multi_and_single_layer_training_lower_held_out_fvu(tmp_path):
     loaded = load_model(None, device="cpu")
     n_layers = loaded.model.config.num_hidden_layers

@@ -260,10 +260,5 @@ def test_training_in_a_basis_records_it_and_metrics_map_back(tmp_path):
         assert a.fvu == pytest.approx(b.fvu, rel=1e-4) and a.l0 == b.l0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: a second thread only adds synchronization (and the CPU is shared).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny shapes: a second thread only adds synchronization.
+pytestmark = pytest.mark.usefixtures("one_thread")
