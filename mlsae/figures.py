@@ -306,31 +306,106 @@ def plot_layer_std_by_config(labels: Sequence[str], mean_std: Sequence[float], s
     return _save(fig, path)
 
 
+METRIC_AXES = {
+    "fvu": ("FVU", "Reconstruction (FVU)"),
+    "delta_ce": ("delta CE (nats)", "Downstream loss (delta CE)"),
+    "kl": ("KL (nats)", "KL to the clean logits"),
+    "dead_fraction": ("fraction of latents", "Dead latents"),
+}
+"""Per-layer metrics the comparison figure knows: name -> (axis label, panel title)."""
+
+
 def plot_metrics_vs_baselines(layers: Sequence[int], mlsae: dict[str, Sequence[float]],
                               baselines: dict[str, Sequence[float]] | None,
                               path: str | os.PathLike, label: str = "MLSAE") -> Path:
-    """Per-layer FVU and delta CE of the MLSAE beside single-layer SAEs (one per layer).
+    """Per-layer metrics of the MLSAE beside single-layer SAEs (one per layer), one panel
+    per metric of METRIC_AXES present in `mlsae` (in that order).
 
-    `mlsae` and `baselines` map a metric name ("fvu", "delta_ce") to one value per
-    entry of `layers`; a missing baseline value is NaN (drawn as a gap).
+    `mlsae` and `baselines` map a metric name ("fvu", "delta_ce", "kl", "dead_fraction")
+    to one value per entry of `layers`; a missing value is NaN (drawn as a gap).
     """
-    metrics = [m for m in ("fvu", "delta_ce") if m in mlsae]
+    metrics = [m for m in METRIC_AXES if m in mlsae]
     if not metrics:
-        raise ValueError("mlsae must hold 'fvu' and/or 'delta_ce' per layer")
-    fig, axes = _new_figure(5 * len(metrics), 4, ncols=len(metrics))
+        raise ValueError(f"mlsae must hold per-layer values of one of {', '.join(METRIC_AXES)}")
+    fig, axes = _new_figure(4.6 * len(metrics), 3.8, ncols=len(metrics))
     axes = np.atleast_1d(axes)
     x = np.asarray(layers)
     width = 0.4 if baselines else 0.8
     for ax, metric in zip(axes, metrics, strict=True):
-        ax.bar(x - (width / 2 if baselines else 0), mlsae[metric], width, label=label)
+        ax.bar(x - (width / 2 if baselines else 0), np.asarray(mlsae[metric], dtype=float), width,
+               label=label)
         if baselines and metric in baselines:
             ax.bar(x + width / 2, np.asarray(baselines[metric], dtype=float), width,
                    label="single-layer SAE")
         ax.set_xticks(x)
-        ax.set(xlabel="layer", ylabel={"fvu": "FVU", "delta_ce": "delta CE (nats)"}[metric],
-               title={"fvu": "Reconstruction (FVU)", "delta_ce": "Downstream loss (delta CE)"}[metric])
+        ylabel, title = METRIC_AXES[metric]
+        ax.set(xlabel="layer", ylabel=ylabel, title=title)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_training_curves(curves: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+                         path: str | os.PathLike, highlight: Sequence[str] = ()) -> Path:
+    """FVU and dead fraction against training tokens, one line per autoencoder.
+
+    `curves` maps a label to (tokens, fvu, dead_fraction) per optimizer step;
+    labels in `highlight` are drawn thick, the rest thin (e.g. the baselines).
+    """
+    if not curves:
+        raise ValueError("no training curves to plot")
+    fig, (ax_fvu, ax_dead) = _new_figure(10, 4, ncols=2)
+    for label, (tokens, fvu, dead) in curves.items():
+        width, alpha = (2.0, 1.0) if label in highlight or not highlight else (0.8, 0.6)
+        x = np.asarray(tokens, dtype=float) / 1e6
+        ax_fvu.plot(x, fvu, lw=width, alpha=alpha, label=label)
+        ax_dead.plot(x, dead, lw=width, alpha=alpha, label=label)
+    ax_fvu.set(xlabel="training tokens per layer (M)", ylabel="FVU (training batch)",
+               title="Reconstruction during training", yscale="log")
+    ax_dead.set(xlabel="training tokens per layer (M)", ylabel="fraction of latents",
+                title="Dead latents during training")
+    for ax in (ax_fvu, ax_dead):
+        ax.grid(alpha=0.3)
+    ax_fvu.legend(fontsize="x-small", ncol=2)
+    return _save(fig, path)
+
+
+def plot_variance_by_config(labels: Sequence[str], series: dict[str, Sequence[float]],
+                            path: str | os.PathLike,
+                            title: str = "Variance of the layer distributions") -> Path:
+    """Grouped bars on a log axis: one group per config, one bar per series (e.g. mean
+    layer / prompt / token variance). Non-positive or missing values are left out."""
+    if not series or any(len(v) != len(labels) for v in series.values()):
+        raise ValueError("every series needs one value per label")
+    fig, ax = _new_figure(max(5.0, 1.2 + 1.1 * len(labels)), 4)
+    x = np.arange(len(labels))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        v = np.asarray([np.nan if (y is None or not y > 0) else y for y in values], dtype=float)
+        ax.bar(x - 0.4 + width * (i + 0.5), v, width, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize="small")
+    ax.set(yscale="log", ylabel="variance (layers^2)", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_layers_active(labels: Sequence[str], fractions_CL: np.ndarray, path: str | os.PathLike,
+                       title: str) -> Path:
+    """Stacked bars: for each config, the fraction of items (latents, or token-latent
+    pairs) active at 1, 2, ..., L layers."""
+    f_CL = np.asarray(fractions_CL, dtype=float)
+    if f_CL.ndim != 2 or f_CL.shape[0] != len(labels):
+        raise ValueError("fractions_CL must have one row per label")
+    fig, ax = _new_figure(max(5.0, 1.5 + 0.9 * len(labels)), 4)
+    x = np.arange(len(labels))
+    bottom = np.zeros(len(labels))
+    for n in range(f_CL.shape[1]):
+        ax.bar(x, f_CL[:, n], bottom=bottom, label=f"{n + 1} layer{'s' if n else ''}")
+        bottom += f_CL[:, n]
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize="small")
+    ax.set(ylabel="fraction", ylim=(0, 1), title=title)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
