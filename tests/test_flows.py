@@ -5,6 +5,7 @@ rerun idempotency; the sweep; and a run killed mid-training that resumes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -180,6 +181,47 @@ def test_pipeline_in_the_tuned_lens_basis(prefect_api, tmp_path):
     assert all(Path(p).exists() for p in result["figures"])
 
 
+def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api, tmp_path):
+    """`mlsae report`'s flow on a 3-block model: a star grid (R x k, the lens, single-layer
+    SAEs), report.md with every section, figure links that resolve, numbers equal to the
+    views; a second run trains nothing and only rewrites the report."""
+    import re
+
+    from flows.report import report
+    from mlsae.lens import trained_lens_dir
+    from mlsae.lens_train import LensTrainConfig, train_lens_for_model
+    from mlsae.models import load_model
+
+    tiny = save_tiny_model(tmp_path / "tiny", n_layers=3)
+    out = tmp_path / "warehouse"
+    train_lens_for_model(load_model(str(tiny), device="cpu"),
+                         trained_lens_dir(str(tiny), out / "lenses"),
+                         LensTrainConfig(steps=3, batch_size=2, seq_len=64))
+    params = dict(model=str(tiny), expansion_factors=[1, 2], ks=[2, 4], base_expansion_factor=2,
+                  base_k=4, train_tokens=2048, eval_tokens=512, seq_len=64, out=str(out))
+    result = report(**params)
+    ids = result["sae_ids"]
+    # R in {1, 2} at k=4, k=2 at R=2, the base with the lens, 3 single-layer SAEs.
+    assert len(ids) == 3 + 1 + 3 and sum("-lens-" in i for i in ids) == 1
+    assert sum(re.search(r"-L\d-", i) is not None for i in ids) == 3
+    text = Path(result["report"]).read_text()
+    for n in range(7):
+        assert f"\n## {n}. " in text, n
+    links = re.findall(r"\]\((figures/[^)]+)\)", text)
+    assert len(links) >= 10
+    assert all((Path(result["report_dir"]) / link).stat().st_size > 1000 for link in links)
+    base = next(i for i in ids if i.startswith("tiny-R2-k4-all-") and "-lens-" not in i)
+    ((ratio,),) = table_rows(out, f"SELECT ratio_token FROM variance_summary WHERE sae_id = '{base}'")
+    assert "| MLSAE R2 k4 | 64 | " in text and f" | {ratio:.3g} | " in text
+    assert "mlsae report --model" in text and "--out" in text
+
+    trained = snapshot(out / "autoencoders")
+    again = report(**params)
+    assert snapshot(out / "autoencoders") == trained  # nothing retrained
+    ledger = json.loads((Path(again["report_dir"]) / "runs.json").read_text())
+    assert len(ledger) == 2
+
+
 # -- a run killed in the middle of training --------------------------------------------------
 
 # A dictionary big enough that a training step takes a while, and a resume checkpoint
@@ -338,7 +380,8 @@ def test_commands_have_help_a_newcomer_can_follow():
     runner = CliRunner()
     for command, words in [("run", ["--model", "--lens", "--train-tokens", "--out", "Examples"]),
                            ("sweep", ["--task-runner", "--max-workers", "--gpu-slots"]),
-                           ("deploy", ["prefect server start", "prefect worker start", "--pool"])]:
+                           ("deploy", ["prefect server start", "prefect worker start", "--pool"]),
+                           ("report", ["--base-R", "--copy-to", "--lens", "Examples"])]:
         result = runner.invoke(main, [command, "--help"])
         assert result.exit_code == 0, result.output
         for word in words:
