@@ -1,4 +1,4 @@
-"""The rerun flow: give every registered model without results the pipeline.
+"""The rerun flow: give every registered model without results the pipeline (or the report).
 
 The registry is flows/models.yaml (or the file named by `registry`) plus the
 Prefect Variable `mlsae_models`. A model "has results" when the warehouse's
@@ -9,6 +9,10 @@ Prefect Variable `mlsae_models`. A model "has results" when the warehouse's
   exists): `run_deployment` of the pipeline deployment, unless a run for that
   model is already scheduled or running; the runs are awaited;
 - otherwise: the pipeline as a subflow, in this process.
+
+With `kind="report"` the flow is the report flow instead (flows/report.py: a grid
+and the generated report), and a model counts as done when its report exists in
+the warehouse; so a schedule on a registry of models yields a report per new model.
 
 Idempotent: a second run with nothing new finds every model done and does nothing.
 """
@@ -23,6 +27,7 @@ from typing import Any, TypedDict
 from prefect import flow
 
 from flows.pipeline import pipeline, resolve_out
+from flows.report import report
 from tasks.common import run_logger
 from tasks.validate import InvalidParameters, normalise_model_name
 
@@ -30,6 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REGISTRY = "flows/models.yaml"
 REGISTRY_VARIABLE = "mlsae_models"
 PIPELINE_DEPLOYMENT = "mlsae-pipeline/default"
+REPORT_DEPLOYMENT = "mlsae-report/default"
+KINDS = {"pipeline": (PIPELINE_DEPLOYMENT, pipeline), "report": (REPORT_DEPLOYMENT, report)}
+"""What a new model gets: kind -> (its deployment, its flow for subflow mode)."""
 ENTRY_KEYS = {"model", "data", "parameters"}
 
 
@@ -120,20 +128,28 @@ def models_with_results(out: Path) -> set[str]:
     return {row[0] for row in rows}
 
 
-def pipeline_deployment_exists() -> bool:
+def models_with_reports(out: Path, names: list[str]) -> set[str]:
+    """Those of `names` whose generated report exists in the warehouse."""
+    from tasks.report import report_dir_for
+    from tasks.validate import model_slug
+
+    return {n for n in names if (report_dir_for(out, model_slug(n)) / "report.md").exists()}
+
+
+def pipeline_deployment_exists(name: str = PIPELINE_DEPLOYMENT) -> bool:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(PIPELINE_DEPLOYMENT)
+            client.read_deployment_by_name(name)
             return True
         except ObjectNotFound:
             return False
 
 
-def in_flight_models() -> set[str]:
-    """Models of pipeline-deployment runs that are scheduled, pending or running."""
+def in_flight_models(name: str = PIPELINE_DEPLOYMENT) -> set[str]:
+    """Models of runs of deployment `name` that are scheduled, pending or running."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -145,7 +161,7 @@ def in_flight_models() -> set[str]:
     from prefect.client.schemas.objects import StateType
 
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(PIPELINE_DEPLOYMENT)
+        deployment = client.read_deployment_by_name(name)
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
@@ -170,9 +186,19 @@ def wait_for_runs(runs: list[tuple[str, Any]], poll_s: float = 5.0) -> dict[str,
     return final
 
 
-def pipeline_parameters(entry: RegistryEntry, out: Path) -> dict[str, Any]:
+def pipeline_parameters(entry: RegistryEntry, out: Path, kind: str = "pipeline") -> dict[str, Any]:
+    """The flow's parameters for one registry entry; entry parameters the flow of `kind`
+    does not take (e.g. `layers` for the report) are left out, with a warning."""
+    import inspect
+
+    accepted = set(inspect.signature(KINDS[kind][1].fn).parameters)
     params = dict(entry.get("parameters") or {})
     params.pop("out", None)
+    dropped = sorted(set(params) - accepted)
+    if dropped:
+        run_logger().warning("%s: the %s flow takes no %s; ignored", entry["model"], kind,
+                             ", ".join(dropped))
+    params = {k: v for k, v in params.items() if k in accepted}
     params.update(model=entry["model"], data=entry.get("data", "embedded"), out=str(out))
     return params
 
@@ -180,8 +206,8 @@ def pipeline_parameters(entry: RegistryEntry, out: Path) -> dict[str, Any]:
 @flow(name="mlsae-rerun", validate_parameters=True)
 def rerun(registry: str = DEFAULT_REGISTRY, variable: str = REGISTRY_VARIABLE,
           out: str | None = None, use_deployment: bool | None = None,
-          wait: bool = True) -> RerunResult:
-    """Run the pipeline for every registered model that has no results yet.
+          wait: bool = True, kind: str = "pipeline") -> RerunResult:
+    """Run the pipeline (or the report) for every registered model that has none yet.
 
     Args:
         registry: YAML file listing models (relative: working directory, then the repo).
@@ -191,19 +217,26 @@ def rerun(registry: str = DEFAULT_REGISTRY, variable: str = REGISTRY_VARIABLE,
         use_deployment: run the pipeline deployment (True), a subflow (False), or decide:
             the deployment when this flow itself runs from a deployment and it exists.
         wait: wait for deployment runs to finish (they are linked as subflows either way).
+        kind: "pipeline" (a model is done once it has evaluated autoencoders) or "report"
+            (the report flow; a model is done once its report exists).
     """
     from prefect.runtime import deployment as this_deployment
 
+    if kind not in KINDS:
+        raise InvalidParameters(f"kind {kind!r}: use one of {', '.join(KINDS)}")
+    deployment_name, subflow = KINDS[kind]
     logger = run_logger()
     out_dir = resolve_out(out)
     entries = read_registry(registry) + read_variable(variable)
     by_model: dict[str, RegistryEntry] = {}
     for entry in entries:  # a later entry for the same model wins (the Variable over the file)
         by_model[normalise_model_name(entry["model"])] = entry
-    done = models_with_results(out_dir)
+    done = (models_with_results(out_dir) if kind == "pipeline"
+            else models_with_reports(out_dir, list(by_model)))
     todo = {name: entry for name, entry in by_model.items() if name not in done}
     if use_deployment is None:
-        use_deployment = this_deployment.id is not None and pipeline_deployment_exists()
+        use_deployment = (this_deployment.id is not None
+                          and pipeline_deployment_exists(deployment_name))
     mode = "deployment" if use_deployment else "subflow"
     result = RerunResult(registered=sorted(by_model), done_before=sorted(set(by_model) & done),
                          started=[], skipped_in_flight=[], failed=[], mode=mode)
@@ -217,31 +250,33 @@ def rerun(registry: str = DEFAULT_REGISTRY, variable: str = REGISTRY_VARIABLE,
     if use_deployment:
         from prefect.deployments import run_deployment
 
-        busy = in_flight_models()
+        busy = in_flight_models(deployment_name)
         runs = []
         for name, entry in sorted(todo.items()):
             if name in busy:
-                logger.info("%s: a pipeline run is already scheduled or running; skipped", name)
+                logger.info("%s: a %s run is already scheduled or running; skipped", name, kind)
                 result["skipped_in_flight"].append(name)
                 continue
-            run = run_deployment(PIPELINE_DEPLOYMENT, parameters=pipeline_parameters(entry, out_dir),
-                                 timeout=0, flow_run_name=f"rerun-{Path(name).name}")
-            logger.info("%s: started pipeline run %s", name, run.name)
+            run = run_deployment(deployment_name,
+                                 parameters=pipeline_parameters(entry, out_dir, kind),
+                                 timeout=0, flow_run_name=f"rerun-{kind}-{Path(name).name}")
+            logger.info("%s: started %s run %s", name, kind, run.name)
             result["started"].append(name)
             runs.append((name, run))
         if wait:
             for name, state in wait_for_runs(runs).items():
-                logger.info("%s: pipeline run ended %s", name, state.name)
+                logger.info("%s: %s run ended %s", name, kind, state.name)
                 if not state.is_completed():
                     result["failed"].append(name)
     else:
         for name, entry in sorted(todo.items()):
             result["started"].append(name)
-            state = pipeline(**pipeline_parameters(entry, out_dir), return_state=True)
+            state = subflow(**pipeline_parameters(entry, out_dir, kind), return_state=True)
             if not state.is_completed():
-                logger.error("%s: the pipeline ended %s: %s", name, state.type.value, state.message)
+                logger.error("%s: the %s ended %s: %s", name, kind, state.type.value,
+                             state.message)
                 result["failed"].append(name)
     if result["failed"]:
-        raise RuntimeError(f"the pipeline failed for {', '.join(result['failed'])}; "
+        raise RuntimeError(f"the {kind} failed for {', '.join(result['failed'])}; "
                            "see their flow runs")
     return result

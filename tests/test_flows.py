@@ -221,6 +221,18 @@ def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api
     ledger = json.loads((Path(again["report_dir"]) / "runs.json").read_text())
     assert len(ledger) == 2
 
+    # The scheduled rerun in report mode: a model with a report is done; entry parameters
+    # the report flow does not take are dropped, not passed.
+    from flows.rerun import pipeline_parameters, rerun
+
+    entry = {"model": str(tiny), "parameters": {**params, "layers": [0, 1]}}
+    registry = tmp_path / "models.yaml"
+    registry.write_text(yaml.safe_dump({"models": [entry]}))
+    result = rerun(registry=str(registry), variable="", out=str(out), kind="report")
+    assert result["done_before"] == [str(tiny)] and result["started"] == []
+    assert "layers" not in pipeline_parameters(entry, out, "report")
+    assert pipeline_parameters(entry, out, "pipeline")["layers"] == [0, 1]
+
 
 # -- a run killed in the middle of training --------------------------------------------------
 
@@ -310,7 +322,7 @@ def test_prefect_yaml_parameters_match_the_flows():
         assert set(deployment["parameters"]) <= set(params), deployment["name"]
         assert deployment["work_pool"]["name"] == "mlsae-process"
         names.add(flow.name)
-    assert names == {"mlsae-pipeline", "mlsae-sweep", "mlsae-rerun"}
+    assert names == {"mlsae-pipeline", "mlsae-sweep", "mlsae-rerun", "mlsae-report"}
     (rerun,) = [d for d in spec["deployments"] if d["entrypoint"].startswith("flows/rerun")]
     assert rerun["schedules"][0]["cron"]
 
