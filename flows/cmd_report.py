@@ -28,6 +28,8 @@ from flows.cmd_run import prefect_defaults
               help="Also train the base config in the tuned-lens basis.")
 @click.option("--train-tokens", type=int, default=None,
               help="Training tokens per layer for every autoencoder.  [default: 2000000]")
+@click.option("--batch-tokens", type=int, default=None,
+              help="Tokens per optimizer step.  [default: 1024]")
 @click.option("--eval-tokens", type=int, default=None,
               help="Held-out tokens for metrics and latent tables.  [default: 16384]")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence.  [default: 128]")
@@ -41,7 +43,7 @@ from flows.cmd_run import prefect_defaults
 @click.option("--refresh", is_flag=True,
               help="Ignore cached task results (finished outputs in the warehouse are reused).")
 def command(model, data, expansion_factors, ks, base_expansion_factor, base_k, lens,
-            train_tokens, eval_tokens, seq_len, seed, lr, device, out, copy_to,
+            train_tokens, batch_tokens, eval_tokens, seq_len, seed, lr, device, out, copy_to,
             refresh) -> None:
     """Reproduce the paper's findings on one model, as a generated report.
 
@@ -71,6 +73,7 @@ def command(model, data, expansion_factors, ks, base_expansion_factor, base_k, l
         base_expansion_factor=base_expansion_factor or d["base_expansion_factor"],
         base_k=base_k or d["base_k"], lens=lens,
         train_tokens=train_tokens or d["train_tokens"],
+        batch_tokens=batch_tokens or d["batch_tokens"],
         eval_tokens=eval_tokens or d["eval_tokens"], seq_len=seq_len or d["seq_len"],
         seed=seed, lr=lr or d["lr"], device=device, out=str(out) if out else None,
         refresh=refresh)

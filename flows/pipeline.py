@@ -93,7 +93,7 @@ def submit_model(plan: PipelinePlan, out: Path, steps: dict[str, Any]
         train = steps["train-autoencoder"].submit(
             spec=spec, model=model, data=plan["data"], cache=cache, lens=spec_lens,
             train_tokens=plan["train_tokens"], seed=plan["seed"], lr=plan["lr"], device=device,
-            out=where)
+            out=where, batch_tokens=plan["batch_tokens"])
         trained.append(train)
         logged = None
         if spec["role"] == "mlsae":  # baselines: weights and metrics only, no latent table

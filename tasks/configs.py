@@ -35,9 +35,10 @@ def sae_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str
 
 
 def train_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: str | None,
-                 train_tokens: int, seed: int, lr: float, device: str):
-    """TrainConfig of one planned autoencoder: the budget, the learning rate, ~10 resume
-    checkpoints per run.
+                 train_tokens: int, seed: int, lr: float, device: str,
+                 batch_tokens: int = BATCH_TOKENS):
+    """TrainConfig of one planned autoencoder: the budget, the learning rate, the tokens
+    per optimizer step (at most the budget), ~10 resume checkpoints per run.
 
     A single-layer baseline gets its own seed (seed + 1 + its layer): with the MLSAE's
     seed it would start from the very same decoder, and MMCS between the two
@@ -48,7 +49,7 @@ def train_config(spec: dict[str, Any], model: dict[str, Any], data: str, lens: s
     if spec["role"] == "baseline":
         seed = seed + 1 + spec["layers"][0]
 
-    batch_tokens = min(BATCH_TOKENS, train_tokens)
+    batch_tokens = min(batch_tokens, train_tokens)
     n_steps = max(1, train_tokens // batch_tokens)
     return TrainConfig(
         sae=sae_config({**spec, "train_tokens": train_tokens}, model, data, lens),

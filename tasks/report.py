@@ -13,7 +13,6 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.analyse import AnalysisManifest, artifact_key
 from tasks.common import run_logger
-from tasks.configs import BATCH_TOKENS
 from tasks.extract import cache_dir_for, extract_config
 from tasks.figures import FiguresManifest
 from tasks.train import autoencoder_dir
@@ -53,7 +52,8 @@ def write_report(plan: PipelinePlan, base: tuple[int, int], figures: FiguresMani
                         run_dir=str(autoencoder_dir(out, s["sae_id"]))) for s in plan["specs"]],
         base_id=base_id, train_tokens=plan["train_tokens"], eval_tokens=plan["eval_tokens"],
         seq_len=plan["seq_len"], lr=plan["lr"],
-        batch_tokens=min(BATCH_TOKENS, plan["train_tokens"]), command=command, warehouse_arg=out_arg,
+        batch_tokens=min(plan["batch_tokens"], plan["train_tokens"]), command=command,
+        warehouse_arg=out_arg,
         pipeline_figures=list(figures["figures"]), cache_dir=str(cache), started_at=started_at,
         device=plan["device"])
     target = report_dir_for(out, model["slug"])
@@ -80,6 +80,7 @@ def report_command(params: dict[str, Any], defaults: dict[str, Any]) -> str:
     """The `mlsae report` command line that reproduces a run with these parameters."""
     flags = {"model": "--model", "data": "--data", "base_expansion_factor": "--base-R",
              "base_k": "--base-k", "train_tokens": "--train-tokens",
+             "batch_tokens": "--batch-tokens",
              "eval_tokens": "--eval-tokens", "seq_len": "--seq-len", "seed": "--seed",
              "lr": "--lr", "device": "--device"}
     parts = ["mlsae report"]

@@ -9,7 +9,7 @@ from typing import Any, TypedDict
 from prefect import task
 
 from tasks.common import CACHE_POLICY, gpu_slot, progress_log, run_logger
-from tasks.configs import train_config
+from tasks.configs import BATCH_TOKENS, train_config
 from tasks.extract import CacheManifest
 from tasks.lens import LensManifest, load_lens
 
@@ -38,13 +38,14 @@ def autoencoder_dir(out: str, sae_id: str) -> Path:
 @task(name="train-autoencoder", cache_policy=CACHE_POLICY)
 def train_autoencoder(spec: dict[str, Any], model: dict[str, Any], data: str,
                       cache: CacheManifest, lens: LensManifest | None, train_tokens: int,
-                      seed: int, lr: float, device: str, out: str) -> TrainManifest:
+                      seed: int, lr: float, device: str, out: str,
+                      batch_tokens: int = BATCH_TOKENS) -> TrainManifest:
     """Train (or finish training) one MLSAE / single-layer SAE of the plan."""
     from mlsae.cache import ActivationCache
     from mlsae.sae import train_sae
 
     cfg = train_config(spec, model, data, lens["lens"] if lens else None, train_tokens, seed, lr,
-                       device)
+                       device, batch_tokens)
     run_dir = autoencoder_dir(out, spec["sae_id"])
     basis = None
     if lens is not None:

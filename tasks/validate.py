@@ -58,6 +58,8 @@ class PipelinePlan(TypedDict):
     lr: float
     device: str
     specs: list[SAESpec]
+    batch_tokens: int
+    """Tokens per optimizer step (tasks.configs.BATCH_TOKENS unless the flow sets it)."""
 
 
 def model_slug(name: str) -> str:
@@ -100,11 +102,18 @@ def inspect_model(model: str | None) -> ModelInfo:
 
 def sae_id_for(model: ModelInfo, data: str, seq_len: int, train_tokens: int, seed: int,
                lr: float, expansion_factor: int, k: int, layers: list[int], lens: bool,
-               role: str) -> str:
-    """A readable, deterministic id: <model>-R<R>-k<k>-<layers>[-lens]-<hash of everything>."""
+               role: str, batch_tokens: int | None = None) -> str:
+    """A readable, deterministic id: <model>-R<R>-k<k>-<layers>[-lens]-<hash of everything>.
+
+    The default batch size is left out of the hash, so ids from before it was a
+    parameter stay the same."""
+    from tasks.configs import BATCH_TOKENS
+
     identity = dict(model=model["name"], data=data, seq_len=seq_len, train_tokens=train_tokens,
                     seed=seed, lr=lr, expansion_factor=expansion_factor, k=k, layers=layers,
                     lens=lens)
+    if batch_tokens not in (None, BATCH_TOKENS):
+        identity["batch_tokens"] = batch_tokens
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     where = f"L{layers[0]}" if role == "baseline" else (
         "all" if layers == list(range(model["n_layers"])) else "L" + "_".join(map(str, layers)))
@@ -129,6 +138,7 @@ def check_pipeline_parameters(
     layers: list[int] | None, lens: bool | list[bool], baselines: bool, train_tokens: int,
     eval_tokens: int,
     seq_len: int, seed: int = 0, device: str = "auto", lr: float = 1e-3,
+    batch_tokens: int | None = None,
 ) -> PipelinePlan:
     """Every check that needs no compute; raise InvalidParameters listing all problems.
 
@@ -171,6 +181,11 @@ def check_pipeline_parameters(
                                 f"{d_model}): lower k or raise the expansion factor")
     if info["max_positions"] and seq_len > info["max_positions"]:
         problems.append(f"seq_len {seq_len} exceeds the model's {info['max_positions']} positions")
+    from tasks.configs import BATCH_TOKENS
+
+    batch_tokens = BATCH_TOKENS if batch_tokens is None else int(batch_tokens)
+    if batch_tokens < 1:
+        problems.append(f"batch_tokens {batch_tokens} must be >= 1 (tokens per optimizer step)")
     if seq_len < 2:
         problems.append(f"seq_len {seq_len} must be >= 2")
     if train_tokens < seq_len:
@@ -210,7 +225,7 @@ def check_pipeline_parameters(
                          use_lens=use_lens) -> SAESpec:
                     return SAESpec(
                         sae_id=sae_id_for(info, data_name, seq_len, train_tokens, seed, lr, r,
-                                          k, spec_layers, use_lens, role),
+                                          k, spec_layers, use_lens, role, batch_tokens),
                         role=role, expansion_factor=r, k=k, layers=spec_layers, lens=use_lens,
                         n_latents=r * d_model)
                 specs.append(spec("mlsae", chosen))
@@ -222,14 +237,14 @@ def check_pipeline_parameters(
     for spec in specs:
         try:
             train_config(spec, info, data_name, "tuned-lens" if spec["lens"] else None,
-                         int(train_tokens), int(seed), float(lr), device)
+                         int(train_tokens), int(seed), float(lr), device, batch_tokens)
         except ValueError as err:
             problems.append(f"{spec['sae_id']}: {err}")
     if problems:
         raise InvalidParameters("invalid parameters:\n  - " + "\n  - ".join(problems))
     return PipelinePlan(model=info, data=data_name, layers=chosen, train_tokens=int(train_tokens),
                         eval_tokens=int(eval_tokens), seq_len=int(seq_len), seed=int(seed),
-                        lr=float(lr), device=device, specs=specs)
+                        lr=float(lr), device=device, specs=specs, batch_tokens=batch_tokens)
 
 
 @task(name="validate-parameters", cache_policy=NO_CACHE)
