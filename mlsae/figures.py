@@ -354,12 +354,17 @@ def plot_training_curves(curves: dict[str, tuple[Sequence[float], Sequence[float
     """
     if not curves:
         raise ValueError("no training curves to plot")
+    from matplotlib import colormaps
+
     fig, (ax_fvu, ax_dead) = _new_figure(10, 4, ncols=2)
-    for label, (tokens, fvu, dead) in curves.items():
-        width, alpha = (2.0, 1.0) if label in highlight or not highlight else (0.8, 0.6)
+    palette = colormaps["tab20"]
+    for i, (label, (tokens, fvu, dead)) in enumerate(curves.items()):
+        main = label in highlight or not highlight
+        style = dict(lw=2.0 if main else 0.8, alpha=1.0 if main else 0.7,
+                     ls="-" if main else "--", color=palette(i % 20), label=label)
         x = np.asarray(tokens, dtype=float) / 1e6
-        ax_fvu.plot(x, fvu, lw=width, alpha=alpha, label=label)
-        ax_dead.plot(x, dead, lw=width, alpha=alpha, label=label)
+        ax_fvu.plot(x, fvu, **style)
+        ax_dead.plot(x, dead, **style)
     ax_fvu.set(xlabel="training tokens per layer (M)", ylabel="FVU (training batch)",
                title="Reconstruction during training", yscale="log")
     ax_dead.set(xlabel="training tokens per layer (M)", ylabel="fraction of latents",

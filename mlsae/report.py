@@ -281,9 +281,15 @@ class _Builder:
         self.add(*_table(["sae_id", "role", "R", "k", "latents", "lens", "steps",
                           "final train FVU", "FVU change, last 20%", "final dead fraction",
                           "train min"], rows))
-        changes = [abs(f.fvu_change) if f is not None and f.fvu_change is not None else None
-                   for f in self.facts.values()]
-        worst = None if None in changes or not changes else max(changes)
+        def worst_change(role: str) -> float | None:
+            changes = [abs(f.fvu_change) if (f := self.facts[e.sae_id]) is not None
+                       and f.fvu_change is not None else None
+                       for e in self.inp.grid if e.role == role]
+            return None if None in changes or not changes else max(changes)
+
+        by_role = {role: worst_change(role) for role in ("mlsae", "baseline")
+                   if any(e.role == role for e in self.inp.grid)}
+        worst = None if None in by_role.values() else max(by_role.values())
         settled = worst is not None and worst < 0.05
         self.verdicts["settled"] = settled
         exhausted = [sid for sid, f in self.facts.items() if f and f.data_exhausted]
@@ -292,13 +298,16 @@ class _Builder:
                      "than 40 steps (or no training summary), too few to judge whether FVU "
                      "has settled: read their metrics as those of a short run.", "")
         else:
-            self.add(f"Training FVU is the mean over the last 5% of steps; its change over the "
-                     f"last fifth of training is at most {_fmt(100 * worst)}% (in magnitude) "
-                     "across the grid, "
+            names = {"mlsae": "the MLSAEs", "baseline": "the single-layer SAEs"}
+            self.add("Training FVU is the mean over the last 5% of steps; its change over the "
+                     "last fifth of training is at most "
+                     + " and ".join(f"{_fmt(100 * w)}% for {names[r]}" for r, w in by_role.items())
+                     + " (in magnitude), "
                      + ("so FVU and the dead fraction have flattened at this budget (below 5%)."
                         if settled else
-                        "so some runs were still improving: read their metrics as what this "
-                        "budget reaches, not what a longer run would."), "")
+                        "so some runs were still improving slowly (see the curves): read "
+                        "their metrics as what this budget reaches, not what a longer run "
+                        "would."), "")
         if exhausted:
             self.add(f"Runs that ran out of training data before their budget: {', '.join(exhausted)}.", "")
         curves = {e.label: ([h["tokens"] for h in f.history], [h["fvu"] for h in f.history],
@@ -327,8 +336,9 @@ class _Builder:
                  f"Per-layer metrics of the base MLSAE (R={base.expansion_factor}, k={base.k}) "
                  "and of the single-layer SAE trained on that layer alone (same R, k, budget), "
                  f"on {inp.eval_tokens:,} held-out tokens. delta CE and KL: the model's loss "
-                 "with the layer's output replaced by its reconstruction, minus the clean loss.",
-                 "")
+                 "(KL to its clean next-token distribution) with the layer's output replaced by "
+                 "its reconstruction, minus the clean loss. dead: the fraction of latents that "
+                 "never fire (> 1e-3) at that layer on these tokens.", "")
         ids = [base.sae_id] + [b.sae_id for b in self.baselines]
         sql = ("SELECT sae_id, layer, fvu, delta_ce, kl, dead_fraction, l0 FROM layer_metrics "
                f"WHERE sae_id IN {_in_list(ids)} ORDER BY layer, sae_id")
