@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from flows.cmd_run import prefect_defaults
+from flows.cmd_run import call_flow, prefect_defaults
 
 
 @click.command("report")
@@ -63,7 +63,6 @@ def command(model, data, expansion_factors, ks, base_expansion_factor, base_k, l
     """
     prefect_defaults()
     from flows.report import REPORT_DEFAULTS, report
-    from tasks.validate import InvalidParameters
 
     d = REPORT_DEFAULTS
     params = dict(
@@ -78,13 +77,7 @@ def command(model, data, expansion_factors, ks, base_expansion_factor, base_k, l
         seed=seed, lr=lr or d["lr"], device=device, out=str(out) if out else None,
         refresh=refresh)
     start = time.perf_counter()
-    try:
-        result = report(**params)
-    except InvalidParameters as err:
-        raise click.ClickException(str(err)) from err
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted: run the same command again to continue "
-                                   "from the last finished step") from None
+    result = call_flow(report, **params)
     click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")
     click.echo(f"Report: {result['report']}")
     if copy_to is not None:

@@ -35,6 +35,20 @@ def parse_layers(text: str | None) -> list[int] | None:
                                  "or 'all'", param_hint="--layers") from err
 
 
+def call_flow(flow_fn, **params):
+    """Run a flow for a command: bad parameters and Ctrl-C become a one-line error that
+    says what to do (the flow's steps are cached, so rerunning continues)."""
+    from tasks.validate import InvalidParameters
+
+    try:
+        return flow_fn(**params)
+    except InvalidParameters as err:
+        raise click.ClickException(str(err)) from err
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted: run the same command again to continue "
+                                   "from the last finished step") from None
+
+
 def print_outputs(result: dict, seconds: float | None, examples: bool = True) -> None:
     """Where the tables and figures are, and three queries to try."""
     out = result["out"]
@@ -122,8 +136,6 @@ def command(model, data, expansion_factors, ks, layers, lens, baselines, train_t
         DEFAULT_TRAIN_TOKENS,
         pipeline,
     )
-    from tasks.validate import InvalidParameters
-
     params = dict(
         model=model, data=data,
         expansion_factors=list(expansion_factors or DEFAULT_EXPANSION_FACTORS),
@@ -133,11 +145,5 @@ def command(model, data, expansion_factors, ks, layers, lens, baselines, train_t
         seed=seed, lr=lr or DEFAULT_LR, device=device, out=str(out) if out else None,
         refresh=refresh)
     start = time.perf_counter()
-    try:
-        result = pipeline(**params)
-    except InvalidParameters as err:
-        raise click.ClickException(str(err)) from err
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted: run the same command again to continue "
-                                   "from the last finished step") from None
+    result = call_flow(pipeline, **params)
     print_outputs(result, time.perf_counter() - start)

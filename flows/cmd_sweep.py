@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from flows.cmd_run import LAYERS_HELP, parse_layers, prefect_defaults
+from flows.cmd_run import LAYERS_HELP, call_flow, parse_layers, prefect_defaults
 
 
 @click.command("sweep")
@@ -69,23 +69,20 @@ def command(models, data, expansion_factors, ks, lens, layers, baselines, train_
         DEFAULT_TRAIN_TOKENS,
     )
     from flows.sweep import sweep
-    from tasks.validate import InvalidParameters
 
     start = time.perf_counter()
-    try:
-        result = sweep(
-            models=list(models or ["embedded"]), data=data,
-            expansion_factors=list(expansion_factors or [2, 4]), ks=list(ks or [8, 16]),
-            lenses={"off": [False], "on": [True], "both": [False, True]}[lens],
-            layers=parse_layers(layers), baselines=baselines,
-            train_tokens=train_tokens or DEFAULT_TRAIN_TOKENS,
-            eval_tokens=eval_tokens or DEFAULT_EVAL_TOKENS, seq_len=seq_len or DEFAULT_SEQ_LEN,
-            seed=seed, lr=lr or DEFAULT_LR, device=device, task_runner=task_runner,
-            max_workers=max_workers,
-            runner_address=runner_address, gpu_slots=gpu_slots,
-            out=str(out) if out else None, refresh=refresh)
-    except InvalidParameters as err:
-        raise click.ClickException(str(err)) from err
+    result = call_flow(
+        sweep,
+        models=list(models or ["embedded"]), data=data,
+        expansion_factors=list(expansion_factors or [2, 4]), ks=list(ks or [8, 16]),
+        lenses={"off": [False], "on": [True], "both": [False, True]}[lens],
+        layers=parse_layers(layers), baselines=baselines,
+        train_tokens=train_tokens or DEFAULT_TRAIN_TOKENS,
+        eval_tokens=eval_tokens or DEFAULT_EVAL_TOKENS, seq_len=seq_len or DEFAULT_SEQ_LEN,
+        seed=seed, lr=lr or DEFAULT_LR, device=device, task_runner=task_runner,
+        max_workers=max_workers,
+        runner_address=runner_address, gpu_slots=gpu_slots,
+        out=str(out) if out else None, refresh=refresh)
     click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")
     for run in result["runs"]:
         print_outputs(run, None, examples=False)

@@ -171,12 +171,13 @@ def check_pipeline_parameters(
     for r in expansion_factors:
         if int(r) < 1:
             problems.append(f"expansion factor {r} must be an integer >= 1 (n_latents = R x d_model)")
+    for k in ks:
+        if int(k) < 1:
+            problems.append(f"k={k} must be >= 1 (the number of active latents per example)")
     for r in expansion_factors:
         for k in ks:
             n_latents = int(r) * d_model
-            if int(k) < 1:
-                problems.append(f"k={k} must be >= 1 (the number of active latents per example)")
-            elif int(r) >= 1 and int(k) > n_latents:
+            if int(k) >= 1 and int(r) >= 1 and int(k) > n_latents:
                 problems.append(f"k={k} > n_latents={n_latents} (expansion factor {r} x d_model "
                                 f"{d_model}): lower k or raise the expansion factor")
     if info["max_positions"] and seq_len > info["max_positions"]:
