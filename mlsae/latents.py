@@ -6,8 +6,12 @@ token at every layer), the `tokens` rows and the `saes` row. It streams: memory 
 bounded by one part's token ids, one batch and one row group whatever the token count.
 
 Resumable: the sequences are cut into fixed parts; part i is written as
-tokens/.../part-i.parquet then latents/.../part-i.parquet, each atomically, and a
-part counts as done when both exist. A killed run redoes only the unfinished part
+tokens/.../part-i.parquet, latents/.../part-i.parquet, then its per-part sums
+(mlsae.part_sums: latent_layer_sums, latent_var_sums, seq_sums), each atomically.
+Tokens + latents make a part's rows; its sums are computed from those two files, so a
+part whose sums are missing (a kill between files, or a warehouse logged before the
+sums existed) gets them on the next run without running the model again
+(complete_part_sums does only that). A killed run redoes only the unfinished part
 (no duplicate or missing rows); a rerun of a finished run touches nothing. The
 settings are pinned in latents/sae_id=<id>/_log.json so a rerun with different
 data or a different SAE fails instead of mixing rows.
@@ -33,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from mlsae import warehouse as wh
+from mlsae.part_sums import part_index, write_part_sums
 from mlsae.progress import Progress
 
 MANIFEST_NAME = "_log.json"
@@ -91,6 +96,10 @@ class LogResult(NamedTuple):
     """Parts written by this call (0 when the run was already complete)."""
     bytes_latents: int
     seconds: float
+    bytes_sums: int = 0
+    """Bytes of this sae_id's per-part sum files (the views' materialised sums)."""
+    seconds_sums: float = 0.0
+    """Seconds this call spent computing and writing per-part sums."""
 
 
 # --------------------------------------------------------------------------- saes / layer_metrics
@@ -267,12 +276,18 @@ def write_latents(
                     f"({manifest_path}): {_diff(pinned, settings)}. Use a new sae_id, or delete "
                     f"{latents_dir} and {tokens_dir} to log it again")
             if manifest.get("complete"):
+                t_sums = time.perf_counter()
+                if _complete_sums_unlocked(warehouse_dir, sae_id):
+                    wh.write_setup_script(warehouse_dir)
                 return LogResult(sae_id, manifest["n_sequences"], manifest["n_tokens"],
                                  manifest["n_rows"], manifest["n_parts"], 0,
-                                 manifest["bytes_latents"], time.perf_counter() - start)
+                                 manifest["bytes_latents"], time.perf_counter() - start,
+                                 _sums_bytes(warehouse_dir, sae_id),
+                                 time.perf_counter() - t_sums)
         else:
             _write_manifest(manifest_path, {**settings, "complete": False})
-        for directory in (latents_dir, tokens_dir):
+        for directory in (latents_dir, tokens_dir, *(
+                wh.partition_dir(warehouse_dir, t, sae_id) for t in wh.PART_SUM_TABLES)):
             wh.remove_stale_temp_files(directory)
         write_sae_record(warehouse_dir, record)
 
@@ -280,6 +295,7 @@ def write_latents(
         progress = Progress(f"log latents {sae_id}", total=total_tokens, unit="tokens",
                             log=progress_log)
         written = n_seq = n_tokens = 0
+        seconds_sums = 0.0
         for part in itertools.count():
             chunk = list(itertools.islice(stream, per_part))
             if not chunk:
@@ -294,12 +310,18 @@ def write_latents(
             latents_path = wh.part_path(warehouse_dir, "latents", sae_id, part)
             tokens_path = wh.part_path(warehouse_dir, "tokens", sae_id, part)
             if latents_path.exists() and tokens_path.exists():
+                t_sums = time.perf_counter()
+                write_part_sums(warehouse_dir, sae_id, part)  # no-op unless some are missing
+                seconds_sums += time.perf_counter() - t_sums
                 progress.update(float(mask_BT.sum()), part=f"{part + 1} done")
                 continue
             offset = part * per_part
             _write_tokens_part(tokens_path, sae_id, tokens_BT, mask_BT, offset, text)
             _write_latents_part(latents_path, record, tokens_BT, mask_BT, offset, encode,
                                 config, progress, f"{part + 1}")
+            t_sums = time.perf_counter()
+            write_part_sums(warehouse_dir, sae_id, part)
+            seconds_sums += time.perf_counter() - t_sums
             written += 1
         progress.close()
 
@@ -314,7 +336,37 @@ def write_latents(
                                         "n_rows": n_rows, "bytes_latents": n_bytes})
         wh.write_setup_script(warehouse_dir)
     return LogResult(sae_id, n_seq, n_tokens, n_rows, n_parts, written, n_bytes,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, _sums_bytes(warehouse_dir, sae_id),
+                     seconds_sums)
+
+
+def complete_part_sums(warehouse_dir: str | os.PathLike, sae_id: str | None = None) -> int:
+    """Compute the per-part sums (mlsae.part_sums) that logged latents parts lack, from the
+    parts' files (no model needed): the fix for a warehouse logged before the sums existed,
+    or a logging run stopped between a part's files. All SAEs, or one. Returns how many
+    parts got sums. Takes each SAE's logging lock, so it never races a logging run."""
+    ids = [sae_id] if sae_id else list(wh.iter_partitions(warehouse_dir, "latents"))
+    completed = 0
+    for one in ids:
+        with _exclusive(wh.partition_dir(warehouse_dir, "latents", one)):
+            completed += _complete_sums_unlocked(warehouse_dir, one)
+    if completed:
+        wh.write_setup_script(warehouse_dir)
+    return completed
+
+
+def _complete_sums_unlocked(warehouse_dir: str | os.PathLike, sae_id: str) -> int:
+    for table in wh.PART_SUM_TABLES:
+        wh.remove_stale_temp_files(wh.partition_dir(warehouse_dir, table, sae_id))
+    completed = 0
+    for path in sorted(wh.partition_dir(warehouse_dir, "latents", sae_id).glob("part-*.parquet")):
+        completed += bool(write_part_sums(warehouse_dir, sae_id, part_index(path)))
+    return completed
+
+
+def _sums_bytes(warehouse_dir: str | os.PathLike, sae_id: str) -> int:
+    return sum(p.stat().st_size for table in wh.PART_SUM_TABLES
+               for p in wh.partition_dir(warehouse_dir, table, sae_id).glob("*.parquet"))
 
 
 def _num_rows(path: Path) -> int:

@@ -96,9 +96,40 @@ TABLE_SPECS: dict[str, TableSpec] = {
             ("seq_id", "pos", "layer", "latent"),
             "every positive post-ReLU activation; layer = model block index",
         ),
+        # The per-part sums of sql/part_sums.sql, written by mlsae.part_sums beside each
+        # latents part (same file name): the headline views read these, not `latents`.
+        TableSpec(
+            "latent_layer_sums",
+            pa.schema([
+                ("sae_id", _SAE_ID), ("latent", pa.int32()), ("layer", pa.int16()),
+                ("count", pa.int64()), ("mass", pa.float64()),
+            ]),
+            ("latent", "layer"),
+            "per (part, latent, layer): active rows and sum of values",
+        ),
+        TableSpec(
+            "latent_var_sums",
+            pa.schema([
+                ("sae_id", _SAE_ID), ("latent", pa.int32()), ("token_mv", pa.float64()),
+                ("prompt_mv", pa.float64()),
+            ]),
+            ("latent",),
+            "per (part, latent): sum_t m_tj V_tj and sum_s m_sj V_sj",
+        ),
+        TableSpec(
+            "seq_sums",
+            pa.schema([
+                ("sae_id", _SAE_ID), ("seq_id", pa.int32()), ("t", pa.int32()),
+                ("a_sum_t", pa.float64()), ("b_sum_t", pa.float64()),
+            ]),
+            ("seq_id",),
+            "per logged sequence: token count and the reference variant's sums",
+        ),
     )
 }
 TABLES = tuple(TABLE_SPECS)
+# Tables with one file per logged part, named like the latents part they summarise.
+PART_SUM_TABLES = ("latent_layer_sums", "latent_var_sums", "seq_sums")
 
 # Encodings chosen by measurement (docs/warehouse.md): runs of seq_id/pos/layer
 # collapse to RLE dictionaries; latent ids are plain + zstd (delta was larger);
@@ -115,8 +146,18 @@ _DICTIONARY_COLUMNS = {
     "saes": True, "layer_metrics": True,
     "tokens": ["sae_id", "seq_id", "pos", "token_id", "token"],
     "latents": ["sae_id", "seq_id", "pos", "layer"],
+    "latent_layer_sums": ["sae_id", "layer"],
+    "latent_var_sums": ["sae_id"],
+    "seq_sums": ["sae_id", "t"],
 }
-_COLUMN_ENCODING = {"latents": {"value": "BYTE_STREAM_SPLIT"}}
+_COLUMN_ENCODING = {
+    "latents": {"value": "BYTE_STREAM_SPLIT"},
+    # sorted latent ids delta-encode well; float64 sums compress ~10% better split
+    "latent_layer_sums": {"latent": "DELTA_BINARY_PACKED", "mass": "BYTE_STREAM_SPLIT"},
+    "latent_var_sums": {"latent": "DELTA_BINARY_PACKED", "token_mv": "BYTE_STREAM_SPLIT",
+                        "prompt_mv": "BYTE_STREAM_SPLIT"},
+    "seq_sums": {"a_sum_t": "BYTE_STREAM_SPLIT", "b_sum_t": "BYTE_STREAM_SPLIT"},
+}
 
 
 class WarehouseError(ValueError):
@@ -516,11 +557,84 @@ def connect(warehouse_dir: str | os.PathLike, read_only: bool = True,
     try:
         for table in TABLES:
             con.execute(table_view_sql(root, table, empty=not table_files(root, table)))
+        check_part_sums(root)
         for f in sql_files():
             con.execute(f.text)
         _check_sae_id_hashes(con, root)
         if read_only:
             _lock_down(con, root)
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
+def missing_part_sums(warehouse_dir: str | os.PathLike) -> list[Path]:
+    """The per-part sum files (PART_SUM_TABLES) that a logged latents part lacks."""
+    missing = []
+    for path in table_files(warehouse_dir, "latents"):
+        sae_id = path.parent.name.removeprefix("sae_id=")
+        for table in PART_SUM_TABLES:
+            expected = partition_dir(warehouse_dir, table, sae_id) / path.name
+            if not expected.exists():
+                missing.append(expected)
+    return missing
+
+
+def check_part_sums(warehouse_dir: str | os.PathLike) -> None:
+    """Raise WarehouseError unless every latents part has its per-part sums and every
+    sums file has its latents part (the headline views read the sums, so a mismatch would
+    silently drop or double rows)."""
+    missing = missing_part_sums(warehouse_dir)
+    if missing:
+        raise WarehouseError(
+            f"{missing[0]}: missing ({len(missing)} per-part sum file(s) missing in all): "
+            "latents parts were logged without the sums the views read (an older "
+            "warehouse, or a logging run stopped between files; if a run is logging this "
+            "SAE now, wait for it). Fix: compute them from the logged parts, without the "
+            "model: python -c \"from mlsae.latents import complete_part_sums; "
+            f"complete_part_sums('{Path(warehouse_dir)}')\", or rerun the logging "
+            "(e.g. the same `mlsae run`), which adds them")
+    for table in PART_SUM_TABLES:
+        for path in table_files(warehouse_dir, table):
+            sae_id = path.parent.name.removeprefix("sae_id=")
+            if not (partition_dir(warehouse_dir, "latents", sae_id) / path.name).exists():
+                raise WarehouseError(
+                    f"{path}: sums of a latents part that does not exist ("
+                    f"{partition_dir(warehouse_dir, 'latents', sae_id) / path.name}). Fix: "
+                    f"delete it, or restore the latents part")
+
+
+def part_connection(warehouse_dir: str | os.PathLike, sae_id: str, part: int,
+                    threads: int | None = None):
+    """A DuckDB connection whose `saes`, `latents` and `tokens` are that SAE's row and the
+    files of ONE logged part (other tables empty), with every sql/ macro and view
+    registered: mlsae.part_sums runs sql/part_sums.sql's macros on it."""
+    import duckdb
+
+    files = {"saes": [partition_dir(warehouse_dir, "saes", sae_id) / "saes.parquet"],
+             "latents": [part_path(warehouse_dir, "latents", sae_id, part)],
+             "tokens": [part_path(warehouse_dir, "tokens", sae_id, part)]}
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    try:
+        for table in TABLES:
+            paths = files.get(table)
+            for path in paths or ():
+                if not path.exists():
+                    raise WarehouseError(f"{path}: missing; it is needed to compute the sums "
+                                         f"of part {part} of sae_id {sae_id!r}")
+                check_file(path, table)
+            if paths:
+                listed = ", ".join(_sql_literal(str(p.resolve())) for p in paths)
+                body = f"SELECT * FROM read_parquet([{listed}], hive_partitioning = false)"
+            else:
+                body = _empty_table_sql(table)
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS {body};")
+        for f in sql_files():
+            con.execute(f.text)
     except Exception:
         con.close()
         raise

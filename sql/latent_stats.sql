@@ -9,13 +9,59 @@
 -- Law of total variance: layer_var = token_var + sum_t (m_tj/M_j)(E_tj - E_j)^2.
 -- Latents that never fire have no row (see dead_latents). l = layer index 0..L-1.
 --
--- Everything comes from latent_seq_moments (one pass over latents, no second scan for
--- the per-layer distribution). The view is latent_stats_of(latent_seq_moments); the
--- macro lets variance_summary reuse one materialised latent_seq_moments.
--- depends: latent_seq_moments, saes
--- Parameters: none (the macro: the seq-moments relation, by name).
+-- Three macros, one formula (latent_stats_from):
+--   latent_stats_from(per_latent): the statistics from per (sae_key, latent) sums
+--     count, mass, s1 = sum l a, s2 = sum l^2 a, n_layers_active, token_mv, prompt_mv;
+--   latent_stats_from_sums(layer_sums, var_sums): those sums from relations shaped like
+--     the stored tables latent_layer_sums and latent_var_sums (part_sums.sql): what the
+--     view reads, a few rows per (part, latent), no per-token work at query time;
+--   latent_stats_of(seq_moments): those sums on the fly from latent_seq_moments rows
+--     (the ground truth, and the tool for a FILTERED subset of sequences):
+--     WITH sub AS (FROM latent_seq_moments WHERE seq_id < 100) FROM latent_stats_of(sub);
+-- depends: latent_layer_sums, latent_var_sums, sae_layers, saes, part_sums
+-- Parameters: none (the macros: relations by name, as above).
 -- Columns: sae_id, latent, count, mass, n_layers_active, expected_layer, layer_var,
 --          layer_std, relative_std, token_var, prompt_var.
+CREATE OR REPLACE MACRO latent_stats_from(per_latent) AS TABLE
+WITH with_var AS (
+    SELECT *, s1 / mass AS expected_layer,
+           CASE WHEN n_layers_active = 1 THEN 0.0
+                ELSE greatest(s2 - s1 * s1 / mass, 0.0) / mass END AS layer_var
+    FROM query_table(per_latent)
+)
+SELECT s.sae_id, v.latent, v.count::BIGINT AS count, v.mass,
+       v.n_layers_active::SMALLINT AS n_layers_active, v.expected_layer,
+       v.layer_var, sqrt(v.layer_var) AS layer_std,
+       sqrt(v.layer_var) / len(s.layers) AS relative_std,
+       v.token_mv / v.mass AS token_var, v.prompt_mv / v.mass AS prompt_var
+FROM with_var v
+JOIN (SELECT sae_id, hash(sae_id) AS sae_key, layers FROM saes) s USING (sae_key);
+
+CREATE OR REPLACE MACRO latent_stats_from_sums(layer_sums, var_sums) AS TABLE
+WITH per_layer AS (
+    SELECT hash(sae_id) AS sae_key, latent, layer, sum(count) AS count, sum(mass) AS mass
+    FROM query_table(layer_sums)
+    GROUP BY ALL
+),
+per_latent_layers AS (
+    SELECT p.sae_key, p.latent, sum(p.count) AS count, sum(p.mass) AS mass,
+           sum(p.mass * s.layer_idx) AS s1, sum(p.mass * s.layer_idx * s.layer_idx) AS s2,
+           count(*) AS n_layers_active
+    FROM per_layer p
+    JOIN sae_layers s USING (sae_key, layer)
+    GROUP BY p.sae_key, p.latent
+),
+per_latent_var AS (
+    SELECT hash(sae_id) AS sae_key, latent,
+           sum(token_mv) AS token_mv, sum(prompt_mv) AS prompt_mv
+    FROM query_table(var_sums)
+    GROUP BY ALL
+),
+per_latent AS (
+    SELECT * FROM per_latent_layers JOIN per_latent_var USING (sae_key, latent)
+)
+SELECT * FROM latent_stats_from(per_latent);
+
 CREATE OR REPLACE MACRO latent_stats_of(seq_moments) AS TABLE
 WITH per_latent AS (
     SELECT sae_key, latent, sum(count) AS count, sum(mass) AS mass,
@@ -23,19 +69,8 @@ WITH per_latent AS (
            sum(token_mv) AS token_mv, sum(prompt_mv) AS prompt_mv
     FROM query_table(seq_moments)
     GROUP BY sae_key, latent
-),
-with_var AS (
-    SELECT *, s1 / mass AS expected_layer,
-           CASE WHEN n_layers_active = 1 THEN 0.0
-                ELSE greatest(s2 - s1 * s1 / mass, 0.0) / mass END AS layer_var
-    FROM per_latent
 )
-SELECT s.sae_id, v.latent, v.count, v.mass, v.n_layers_active, v.expected_layer,
-       v.layer_var, sqrt(v.layer_var) AS layer_std,
-       sqrt(v.layer_var) / len(s.layers) AS relative_std,
-       v.token_mv / v.mass AS token_var, v.prompt_mv / v.mass AS prompt_var
-FROM with_var v
-JOIN (SELECT sae_id, hash(sae_id) AS sae_key, layers FROM saes) s USING (sae_key);
+SELECT * FROM latent_stats_from(per_latent);
 
 CREATE OR REPLACE VIEW latent_stats AS
-SELECT * FROM latent_stats_of(latent_seq_moments);
+SELECT * FROM latent_stats_from_sums(latent_layer_sums, latent_var_sums);

@@ -13,43 +13,35 @@
 --   ref_var_aggregated = mean_s A_s,  ref_var_token = mean_s B_s,
 --   ref_rel_var = mean_s (B_s / A_s)  (the reference code's rel_var_t; sequences with
 --   A_s = 0 are skipped), ref_n_sequences.
--- depends: latent_stats, latent_seq_moments, tokens, saes
--- Parameters: none.
+-- The view reads latent_stats and the stored per-sequence sums (table seq_sums, see
+-- part_sums.sql). The macro takes any such pair, e.g. for a subset of sequences:
+--   WITH m AS MATERIALIZED (FROM latent_seq_moments WHERE seq_id < 100),
+--        tok AS (FROM tokens WHERE seq_id < 100),
+--        st AS (FROM latent_stats_of(m)), ss AS (FROM seq_sums_of(m, tok))
+--   FROM variance_summary_of(st, ss);
+-- depends: latent_stats, seq_sums, saes, part_sums
+-- Parameters: none (the macro: a latent_stats relation and a seq_sums relation, by name).
 -- Columns: sae_id, n_latents, n_live, mean_layer_var, mean_prompt_var, mean_token_var,
 --          ratio_token, ratio_prompt, mean_layer_std, std_layer_std, mean_relative_std,
 --          ref_n_sequences, ref_var_aggregated, ref_var_token, ref_rel_var.
-CREATE OR REPLACE VIEW variance_summary AS
-WITH seq_moments AS MATERIALIZED (
-    SELECT * FROM latent_seq_moments   -- the expensive pass, shared by both halves
-),
-live AS (
+CREATE OR REPLACE MACRO variance_summary_of(stats, seq_sums) AS TABLE
+WITH live AS (
     SELECT sae_id, count(*) AS n_live,
            avg(layer_var) AS mean_layer_var, avg(prompt_var) AS mean_prompt_var,
            avg(token_var) AS mean_token_var,
            avg(layer_std) AS mean_layer_std, stddev_pop(layer_std) AS std_layer_std,
            avg(relative_std) AS mean_relative_std
-    FROM latent_stats_of(seq_moments)
+    FROM query_table(stats)
     GROUP BY sae_id
 ),
-seq_len AS (
-    SELECT hash(sae_id) AS sae_key, seq_id, count(*) AS t FROM tokens GROUP BY ALL
-),
-per_seq AS (
-    SELECT sae_key, seq_id,
-           sum(sum_e2 - sum_e * sum_e / t) AS a_sum_t,  -- T * sum_j var(Q_sj), Q = (1/T) sum_t q
-           sum(sum_v) AS b_sum_t                         -- sum_j sum_t V_tj
-    FROM seq_moments JOIN seq_len USING (sae_key, seq_id)
-    GROUP BY sae_key, seq_id
-),
 ref AS (
-    SELECT x.sae_id, count(*) AS n_seq,
-           avg(coalesce(p.a_sum_t, 0) / (s.t * x.n_latents)) AS a,
-           avg(coalesce(p.b_sum_t, 0) / (s.t * x.n_latents)) AS b,
-           avg(coalesce(p.b_sum_t, 0) / nullif(coalesce(p.a_sum_t, 0), 0)) AS b_over_a
-    FROM seq_len s
-    LEFT JOIN per_seq p USING (sae_key, seq_id)
-    JOIN (SELECT sae_id, hash(sae_id) AS sae_key, n_latents FROM saes) x USING (sae_key)
-    GROUP BY x.sae_id
+    SELECT q.sae_id, count(*) AS n_seq,
+           avg(q.a_sum_t / (q.t * x.n_latents)) AS a,
+           avg(q.b_sum_t / (q.t * x.n_latents)) AS b,
+           avg(q.b_sum_t / nullif(q.a_sum_t, 0)) AS b_over_a
+    FROM query_table(seq_sums) q
+    JOIN saes x USING (sae_id)
+    GROUP BY q.sae_id
 )
 SELECT s.sae_id, s.n_latents, coalesce(l.n_live, 0) AS n_live,
        l.mean_layer_var, l.mean_prompt_var, l.mean_token_var,
@@ -61,3 +53,6 @@ SELECT s.sae_id, s.n_latents, coalesce(l.n_live, 0) AS n_live,
 FROM saes s
 LEFT JOIN live l USING (sae_id)
 LEFT JOIN ref r USING (sae_id);
+
+CREATE OR REPLACE VIEW variance_summary AS
+SELECT * FROM variance_summary_of(latent_stats, seq_sums);
