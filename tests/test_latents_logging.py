@@ -5,6 +5,7 @@ tokens are excluded, files are sorted, and the layout stays small."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlsae import warehouse as wh
-from mlsae.latents import LatentLogConfig, SaeRecord, write_latents
+from mlsae.latents import LatentLogConfig, SaeRecord, complete_part_sums, write_latents
 from tests.test_sql_views import random_activations, write_dense
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,13 +37,20 @@ def clean(tmp_path_factory):
     return root, a, mask, result
 
 
+KEYS = {"latents": ["seq_id", "pos", "layer", "latent"], "tokens": ["seq_id", "pos"],
+        "latent_layer_sums": None, "latent_var_sums": None, "seq_sums": ["seq_id"]}
+
+
 def assert_same_tables(root: Path, clean_root: Path) -> None:
-    for name in ("latents", "tokens"):
+    for name, key in KEYS.items():
         got, want = table(root, name, "s"), table(clean_root, name, "s")
         assert len(got) == len(want)
         assert got.equals(want), name
-        key = ["seq_id", "pos", "layer", "latent"] if name == "latents" else ["seq_id", "pos"]
-        assert not got.duplicated(key).any()
+        if key:
+            assert not got.duplicated(key).any()
+    parts = {name: sorted(p.name for p in wh.partition_dir(root, name, "s").glob("*.parquet"))
+             for name in KEYS}
+    assert len({tuple(names) for names in parts.values()}) == 1, parts  # one file per part each
 
 
 def test_resume_after_exception(tmp_path, clean):
@@ -91,6 +99,72 @@ def test_resume_after_kill(tmp_path, clean):
     assert result.parts_written == 2
     assert not list(latents_dir.glob(".*.tmp"))
     assert_same_tables(tmp_path, clean_root)
+
+
+SUMS_KILL_SCRIPT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import mlsae.latents
+from tests.test_sql_views import random_activations, write_dense
+from tests.test_latents_logging import CONFIG, SHAPE
+a, mask = random_activations(5, *SHAPE)
+write_part_sums = mlsae.latents.write_part_sums
+def die_after_one_file(root, sae_id, part, *args):
+    if part == 1:  # part 1's tokens and latents are written; it dies inside its sums
+        import mlsae.warehouse as wh
+        real = wh.write_table_atomic
+        def write_then_die(*a):
+            real(*a)
+            os._exit(9)
+        wh.write_table_atomic = write_then_die
+    return write_part_sums(root, sae_id, part, *args)
+mlsae.latents.write_part_sums = die_after_one_file
+write_dense({root!r}, "s", [0, 1, 2], a, mask, CONFIG)
+"""
+
+
+def test_resume_after_kill_between_latents_and_sums(tmp_path, clean):
+    """Killed after a part's latents file and its first sums file: readers are told how to
+    fix it, and the next run computes the missing sums from the part's files (the encoder
+    never sees that part again)."""
+    clean_root, a, mask, _ = clean
+    proc = subprocess.run([sys.executable, "-c", SUMS_KILL_SCRIPT.format(repo=str(REPO),
+                                                                         root=str(tmp_path))],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert wh.part_path(tmp_path, "latents", "s", 1).exists()
+    assert wh.part_path(tmp_path, "latent_layer_sums", "s", 1).exists()
+    missing = wh.part_path(tmp_path, "latent_var_sums", "s", 1)
+    assert not missing.exists()
+    with pytest.raises(wh.WarehouseError, match="complete_part_sums") as err:
+        wh.connect(tmp_path)
+    assert str(missing) in str(err.value)
+    encoded = []
+    result = write_dense(tmp_path, "s", [0, 1, 2], a, mask, CONFIG,
+                         encoder_hook=lambda tokens_BT: encoded.append(int(tokens_BT[0, 0])))
+    assert result.parts_written == 2 and sorted(encoded) == [1004, 1005, 1006]  # parts 2, 3
+    assert_same_tables(tmp_path, clean_root)
+
+
+def test_sums_are_added_to_a_warehouse_logged_without_them(tmp_path, clean):
+    """An older warehouse (latents parts, no sums): rerunning the finished log, or
+    complete_part_sums, computes them without the model; views then equal a fresh log."""
+    clean_root, a, mask, _ = clean
+    shutil.copytree(clean_root, tmp_path, dirs_exist_ok=True)
+    for name in wh.PART_SUM_TABLES:
+        shutil.rmtree(wh.table_dir(tmp_path, name))
+    with pytest.raises(wh.WarehouseError, match="missing"):
+        wh.connect(tmp_path)
+    result = write_dense(tmp_path, "s", [0, 1, 2], a, mask, CONFIG,
+                         encoder_hook=lambda _: pytest.fail("the encoder ran again"))
+    assert result.parts_written == 0 and result.bytes_sums > 0
+    assert_same_tables(tmp_path, clean_root)
+    wh.part_path(tmp_path, "seq_sums", "s", 2).unlink()
+    assert complete_part_sums(tmp_path) == 1
+    assert complete_part_sums(tmp_path) == 0
+    assert_same_tables(tmp_path, clean_root)
+    query = "SELECT * FROM variance_summary"
+    assert wh.run_readonly_sql(tmp_path, query) == wh.run_readonly_sql(clean_root, query)
 
 
 def test_rerun_of_finished_run_is_a_noop(tmp_path):

@@ -326,3 +326,71 @@ def test_empty_warehouse_has_every_view(tmp_path):
         assert con.execute(f"SELECT count(*) FROM {view}").fetchone() == (0,)
     assert con.execute("SELECT count(*) FROM dead_latents()").fetchone() == (0,)
     assert ap.latent_stats(tmp_path).collect().height == 0
+
+
+# --------------------------------------------------------------------------- stored sums
+
+ON_THE_FLY = {
+    # view -> the same analysis computed from the raw latents rows by the sql/ macros
+    "latent_layers": "WITH sums AS (FROM latent_layer_sums_of(latents)) "
+                     "FROM latent_layers_of(sums)",
+    "latent_stats": "FROM latent_stats_of(latent_seq_moments)",
+    "variance_summary": "WITH m AS MATERIALIZED (FROM latent_seq_moments), "
+                        "st AS (FROM latent_stats_of(m)), ss AS (FROM seq_sums_of(m, tokens)) "
+                        "FROM variance_summary_of(st, ss)",
+}
+KEYS = {"latent_layers": ["sae_id", "latent", "layer"], "latent_stats": ["sae_id", "latent"],
+        "variance_summary": ["sae_id"]}
+
+
+def assert_frames_close(got: pl.DataFrame, want: pl.DataFrame, rtol: float) -> None:
+    assert got.columns == want.columns
+    assert got.height == want.height
+    for column in want.columns:
+        if want[column].dtype.is_float():
+            close(got[column], want[column], rtol=rtol, atol=1e-15)
+        else:
+            assert got[column].cast(pl.String).to_list() == want[column].cast(pl.String).to_list()
+
+
+def test_views_read_sums_of_several_parts(warehouse):
+    root = warehouse[0]
+    for sae_id in SAES:
+        latents = sorted(p.name for p in wh.partition_dir(root, "latents", sae_id).glob("*.parquet"))
+        assert len(latents) > 1
+        for table in wh.PART_SUM_TABLES:
+            assert sorted(p.name for p in wh.partition_dir(root, table, sae_id).glob("*.parquet")) \
+                == latents
+
+
+@pytest.mark.parametrize("view", list(ON_THE_FLY))
+def test_stored_sums_equal_the_on_the_fly_sql(con, view):
+    """The views (per-part sums stored at logging time) = the same macros over the raw rows."""
+    stored = frame(con, f"SELECT * FROM {view}").sort(KEYS[view])
+    on_the_fly = frame(con, ON_THE_FLY[view]).sort(KEYS[view])
+    assert_frames_close(stored, on_the_fly, rtol=1e-9)
+    assert stored.schema == on_the_fly.schema
+
+
+def test_on_the_fly_macros_on_a_filtered_subset(con, warehouse):
+    """The documented ad-hoc path: the macros over a subset of sequences = SPEC 5 on it."""
+    a, mask, _ = warehouse[1]["sae-a"]
+    keep = [0, 2, 3]
+    sub_a, sub_mask = a[keep], mask[keep]
+    ref = spec5(sub_a, sub_mask)
+    where = f"sae_id = 'sae-a' AND seq_id IN {tuple(keep)}"
+    stats = frame(con, f"WITH m AS (FROM latent_seq_moments WHERE {where}) "
+                       "FROM latent_stats_of(m) ORDER BY latent")
+    live = np.nonzero(ref["live"])[0]
+    assert stats["latent"].to_list() == live.tolist()
+    for column in ("count", "mass", "layer_var", "token_var", "prompt_var"):
+        close(stats[column], ref[column][live], rtol=1e-10, atol=1e-12)
+    row = frame(con, f"WITH m AS MATERIALIZED (FROM latent_seq_moments WHERE {where}), "
+                     f"tok AS (FROM tokens WHERE {where}), st AS (FROM latent_stats_of(m)), "
+                     "ss AS (FROM seq_sums_of(m, tok)) "
+                     "FROM variance_summary_of(st, ss) WHERE sae_id = 'sae-a'").row(0, named=True)
+    A, B, ratio = reference_variant(sub_a, sub_mask)
+    assert row["ref_n_sequences"] == len(keep) and row["n_live"] == ref["n_live"]
+    close(row["mean_token_var"], ref["mean_token_var"], rtol=1e-10)
+    close([row["ref_var_aggregated"], row["ref_var_token"], row["ref_rel_var"]], [A, B, ratio],
+          rtol=1e-10)

@@ -94,3 +94,28 @@ def test_damaged_page_found_by_deep_verify(root):
 def test_verify_counts_rows(root):
     counts = wh.verify_warehouse(root, deep=True)
     assert counts["saes"] == 2 and counts["latents"] > 0 and counts["layer_metrics"] == 0
+
+
+def test_corrupt_sums_file(root):
+    path = part(root, table="latent_var_sums")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_named(root, path, "not a readable Parquet file")
+
+
+def test_missing_sums_file_names_it_and_the_fix(root):
+    path = part(root, table="seq_sums")
+    path.unlink()
+    with pytest.raises(wh.WarehouseError, match="missing.*complete_part_sums") as err:
+        wh.connect(root)
+    assert str(path) in str(err.value)
+    with pytest.raises(wh.WarehouseError, match="complete_part_sums"):
+        ap.variance_summary(root)
+
+
+def test_sums_file_without_its_latents_part(root):
+    stray = wh.partition_dir(root, "latent_layer_sums", "good") / "part-00042.parquet"
+    shutil.copy(part(root, table="latent_layer_sums"), stray)
+    with pytest.raises(wh.WarehouseError, match="latents part that does not exist") as err:
+        wh.connect(root)
+    assert str(stray) in str(err.value)
