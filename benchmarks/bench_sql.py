@@ -12,9 +12,17 @@ dead) and each layer fires 32 of them, so latents are active at several layers o
 a token, as in real MLSAEs. Every query runs in a fresh process (so its peak RSS
 is its own) with the given threads and memory limit. Targets (issue 4): each view
 within 5x the bare scan; 100M rows analysed in < 1 min on 2 cores in 24 GiB.
-Besides wall seconds it reports each query's CPU seconds: on a shared machine the
-wall time of a 2-thread query stretches with the load, its CPU time much less
-(quiet-machine wall time ~= CPU seconds / threads for these parallel scans).
+Besides wall seconds it reports each query's CPU seconds and the load average: on a
+shared machine the wall time of a 2-thread query stretches with the load, its CPU
+time much less (quiet-machine wall time ~= CPU seconds / threads for parallel scans).
+
+The views read the per-part sums the logger stores (sql/part_sums.sql); their cost
+moves to logging time, which this reports too: the sums are deleted and recomputed
+from the logged parts (mlsae.latents.complete_part_sums, the same code the logger
+runs after each part) in a fresh process, seconds, CPU seconds, peak RSS and bytes
+per activation. DuckDB also times the ad-hoc path (the same analyses from the raw
+rows, mlsae.part_sums.ON_THE_FLY) beside `token_groups`, the bare per-(token, latent)
+GROUP BY that SPEC 5's per-token variance needs.
 """
 
 from __future__ import annotations
@@ -34,9 +42,8 @@ sys.path.insert(0, str(REPO))
 
 N_LAYERS, K, N_LATENTS, SEQ_LEN, POOL = 6, 32, 16384, 256, 48
 VIEWS = ("latent_layers", "latent_stats", "variance_summary")
-# Context for the ratios: a scan of the five columns the views read, and the bare
-# per-(token, latent) GROUP BY that SPEC 5's per-token variance needs.
-FLOORS = ("scan5", "token_groups")
+# The ad-hoc path (from the raw rows) and its floor; DuckDB only.
+AD_HOC = ("token_groups", *(f"{view}_of" for view in VIEWS))
 
 
 def parse_rows(text: str) -> int:
@@ -94,14 +101,19 @@ def cpu():
     return usage.ru_utime + usage.ru_stime
 
 t0 = time.perf_counter()
-if engine == "duckdb":
+if engine == "sums":
+    from mlsae.latents import complete_part_sums
+    t0, c0 = time.perf_counter(), cpu()
+    n = complete_part_sums(root)
+elif engine == "duckdb":
+    from mlsae.part_sums import ON_THE_FLY
     from mlsae.warehouse import connect
     con = connect(root, read_only=True, threads=int(threads), memory_limit=memory)
     sql = {{"bare": "SELECT count(*), sum(value) FROM latents",
-           "scan5": "SELECT count(*), sum(value), sum(latent), sum(layer), sum(pos), "
-                    "sum(seq_id) FROM latents",
            "token_groups": "SELECT count(*) FROM (SELECT seq_id, pos, latent, sum(value) "
-                           "FROM latents GROUP BY ALL)"}}.get(query, f"SELECT * FROM {{query}}")
+                           "FROM latents GROUP BY ALL)",
+           **{{f"{{view}}_of": text for view, text in ON_THE_FLY.items()}},
+           }}.get(query, f"SELECT * FROM {{query}}")
     t0, c0 = time.perf_counter(), cpu()
     out = con.sql(sql).to_arrow_table()
     n = out.num_rows
@@ -112,11 +124,6 @@ else:
     lat = ap.scan_table(root, "latents")
     if query == "bare":
         frame = lat.select(pl.len(), pl.col("value").sum())
-    elif query == "scan5":
-        frame = lat.select(pl.len(), *[pl.col(c).cast(pl.Float64).sum()
-                                       for c in ("value", "latent", "layer", "pos", "seq_id")])
-    elif query == "token_groups":
-        frame = lat.group_by("seq_id", "pos", "latent").agg(pl.col("value").sum()).select(pl.len())
     else:
         frame = getattr(ap, query)(root)
     n = frame.collect(engine="streaming").height
@@ -126,7 +133,7 @@ cpu_seconds = cpu() - c0
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()
 peak = int(status[0]) * 1024
 print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": peak,
-                  "rows": n}}))
+                  "rows": n, "load": os.getloadavg()[0]}}))
 """
 
 
@@ -140,11 +147,31 @@ def run_query(engine: str, query: str, root: Path, threads: int, memory: str) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def table_bytes(root: Path) -> tuple[int, int]:
+def table_bytes(root: Path, table: str = "latents") -> tuple[int, int]:
     import pyarrow.parquet as pq
 
-    files = list((root / "latents").glob("*/*.parquet"))
+    files = list((root / table).glob("*/*.parquet"))
     return sum(pq.read_metadata(f).num_rows for f in files), sum(f.stat().st_size for f in files)
+
+
+def measure_sums(root: Path, n_rows: int, threads: int, memory: str) -> dict:
+    """Delete the stored per-part sums and recompute them from the logged parts, as the
+    logger does after each part: the logging-time cost of the fast views."""
+    import shutil
+
+    from mlsae.warehouse import PART_SUM_TABLES
+
+    for table in PART_SUM_TABLES:
+        shutil.rmtree(root / table, ignore_errors=True)
+    result = run_query("sums", "complete_part_sums", root, threads, memory)
+    sums_bytes = sum(table_bytes(root, table)[1] for table in PART_SUM_TABLES)
+    result["bytes_per_activation"] = sums_bytes / n_rows
+    print(f"  sums    recomputed {result['rows']} parts in {result['seconds']:.2f}s  "
+          f"cpu {result['cpu_seconds']:.2f}s ({result['cpu_seconds'] * 1e8 / n_rows:.1f} "
+          f"CPU-s per 100M rows)  peak {result['peak_bytes'] / 2**30:.2f} GiB  "
+          f"{sums_bytes / 2**20:.1f} MiB = {result['bytes_per_activation']:.3f} B/activation  "
+          f"load {result['load']:.1f}", flush=True)
+    return result
 
 
 LAYOUTS = {
@@ -223,10 +250,12 @@ def main() -> None:
               f"{n_bytes / n_rows:.2f} bytes/row", flush=True)
         if args.layouts and size == args.rows.split(",")[0]:
             compare_layouts(root)
+        sums = measure_sums(root, n_rows, args.threads, args.memory_limit)
+        results.append({"rows": n_rows, "engine": "sums", "sums": sums})
         for engine in args.engines.split(","):
             run_query(engine, "bare", root, args.threads, args.memory_limit)  # warm page cache
             timings = {}
-            for query in ("bare", *FLOORS, *VIEWS):
+            for query in ("bare", *VIEWS, *(AD_HOC if engine == "duckdb" else ())):
                 runs = [run_query(engine, query, root, args.threads, args.memory_limit)
                         for _ in range(args.repeat)]
                 ok = [r for r in runs if "error" not in r]
@@ -236,12 +265,16 @@ def main() -> None:
                     print(f"  {engine:7s} {query:17s} ERROR {best['error']}", flush=True)
                     continue
                 ratio = best["seconds"] / timings["bare"]["seconds"]
-                print(f"  {engine:7s} {query:17s} {best['seconds']:8.2f}s  "
-                      f"{n_rows / best['seconds'] / 1e6:7.1f} M rows/s  x{ratio:5.1f} bare  "
-                      f"cpu {best['cpu_seconds']:7.2f}s  "
-                      f"peak {best['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
+                cpu_ratio = best["cpu_seconds"] / timings["bare"]["cpu_seconds"]
+                print(f"  {engine:7s} {query:22s} {best['seconds']:8.2f}s  x{ratio:5.1f} bare  "
+                      f"cpu {best['cpu_seconds']:7.2f}s  x{cpu_ratio:5.1f} bare  "
+                      f"peak {best['peak_bytes'] / 2**30:5.2f} GiB  load {best['load']:.1f}",
+                      flush=True)
             total = sum(t.get("seconds", float("nan")) for q, t in timings.items() if q in VIEWS)
-            print(f"  {engine:7s} all three views    {total:8.2f}s", flush=True)
+            total_cpu = sum(t.get("cpu_seconds", float("nan"))
+                            for q, t in timings.items() if q in VIEWS)
+            print(f"  {engine:7s} all three views        {total:8.2f}s  cpu {total_cpu:.2f}s",
+                  flush=True)
             results.append({"rows": n_rows, "bytes": n_bytes, "engine": engine, **timings})
     print(json.dumps(results))
 

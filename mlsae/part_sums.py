@@ -24,6 +24,18 @@ PART_SUM_QUERIES = {
 }
 assert tuple(PART_SUM_QUERIES) == wh.PART_SUM_TABLES
 
+# The headline views computed from the raw latents rows instead of the stored sums (the
+# same sql/ macros): what tests compare the views with, and what the benchmark times
+# as the ad-hoc (filtered-subset) path.
+ON_THE_FLY = {
+    "latent_layers": "WITH sums AS (FROM latent_layer_sums_of(latents)) "
+                     "FROM latent_layers_of(sums)",
+    "latent_stats": "FROM latent_stats_of(latent_seq_moments)",
+    "variance_summary": "WITH m AS MATERIALIZED (FROM latent_seq_moments), "
+                        "st AS (FROM latent_stats_of(m)), ss AS (FROM seq_sums_of(m, tokens)) "
+                        "FROM variance_summary_of(st, ss)",
+}
+
 
 def part_sum_paths(warehouse_dir: str | os.PathLike, sae_id: str, part: int) -> dict[str, Path]:
     """Where the sums of latents part `part` of `sae_id` live, per table."""

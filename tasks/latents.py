@@ -44,9 +44,11 @@ def log_latent_tables(trained: TrainManifest, lens: LensManifest | None, model: 
             trained["sae_dir"], loaded, eval_data(data, eval_tokens, seq_len), out,
             trained["sae_id"], basis=basis, config=LatentLogConfig(device=device),
             train_tokens=trained["train_tokens"], progress_log=progress_log())
-    run_logger().info("%s: %d latent rows over %d tokens (%.1f bytes/row), %d part(s) written",
+    run_logger().info("%s: %d latent rows over %d tokens (%.1f bytes/row), %d part(s) written; "
+                      "per-part sums for the views: %.2f bytes/row, %.1fs",
                       result.sae_id, result.n_rows, result.n_tokens,
-                      result.bytes_latents / max(result.n_rows, 1), result.parts_written)
+                      result.bytes_latents / max(result.n_rows, 1), result.parts_written,
+                      result.bytes_sums / max(result.n_rows, 1), result.seconds_sums)
     return LatentsManifest(
         sae_id=result.sae_id, n_sequences=result.n_sequences, n_tokens=result.n_tokens,
         n_rows=result.n_rows, bytes_latents=result.bytes_latents,

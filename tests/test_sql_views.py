@@ -11,6 +11,7 @@ import pytest
 from mlsae import analysis_polars as ap
 from mlsae import warehouse as wh
 from mlsae.latents import LatentLogConfig, SaeRecord, write_latents
+from mlsae.part_sums import ON_THE_FLY
 
 THRESHOLD = 1e-3
 
@@ -330,15 +331,6 @@ def test_empty_warehouse_has_every_view(tmp_path):
 
 # --------------------------------------------------------------------------- stored sums
 
-ON_THE_FLY = {
-    # view -> the same analysis computed from the raw latents rows by the sql/ macros
-    "latent_layers": "WITH sums AS (FROM latent_layer_sums_of(latents)) "
-                     "FROM latent_layers_of(sums)",
-    "latent_stats": "FROM latent_stats_of(latent_seq_moments)",
-    "variance_summary": "WITH m AS MATERIALIZED (FROM latent_seq_moments), "
-                        "st AS (FROM latent_stats_of(m)), ss AS (FROM seq_sums_of(m, tokens)) "
-                        "FROM variance_summary_of(st, ss)",
-}
 KEYS = {"latent_layers": ["sae_id", "latent", "layer"], "latent_stats": ["sae_id", "latent"],
         "variance_summary": ["sae_id"]}
 
