@@ -18,7 +18,7 @@
 --   latent_stats_of(seq_moments): those sums on the fly from latent_seq_moments rows
 --     (the ground truth, and the tool for a FILTERED subset of sequences):
 --     WITH sub AS (FROM latent_seq_moments WHERE seq_id < 100) FROM latent_stats_of(sub);
--- depends: latent_layer_sums, latent_var_sums, sae_layers, saes, part_sums
+-- depends: latent_layers, latent_var_sums, saes, part_sums
 -- Parameters: none (the macros: relations by name, as above).
 -- Columns: sae_id, latent, count, mass, n_layers_active, expected_layer, layer_var,
 --          layer_std, relative_std, token_var, prompt_var.
@@ -38,18 +38,12 @@ FROM with_var v
 JOIN (SELECT sae_id, hash(sae_id) AS sae_key, layers FROM saes) s USING (sae_key);
 
 CREATE OR REPLACE MACRO latent_stats_from_sums(layer_sums, var_sums) AS TABLE
-WITH per_layer AS (
-    SELECT hash(sae_id) AS sae_key, latent, layer, sum(count) AS count, sum(mass) AS mass
-    FROM query_table(layer_sums)
-    GROUP BY ALL
-),
-per_latent_layers AS (
-    SELECT p.sae_key, p.latent, sum(p.count) AS count, sum(p.mass) AS mass,
-           sum(p.mass * s.layer_idx) AS s1, sum(p.mass * s.layer_idx * s.layer_idx) AS s2,
+WITH per_latent_layers AS (
+    SELECT hash(sae_id) AS sae_key, latent, sum(count) AS count, sum(mass) AS mass,
+           sum(mass * layer_idx) AS s1, sum(mass * layer_idx * layer_idx) AS s2,
            count(*) AS n_layers_active
-    FROM per_layer p
-    JOIN sae_layers s USING (sae_key, layer)
-    GROUP BY p.sae_key, p.latent
+    FROM latent_layers_of(layer_sums)
+    GROUP BY ALL
 ),
 per_latent_var AS (
     SELECT hash(sae_id) AS sae_key, latent,
