@@ -326,9 +326,11 @@ class _Builder:
                  f"{os.cpu_count()} CPU cores ({platform.machine()}, device `{self.inp.device}`). "
                  "Wall time of the report runs into this warehouse (a run finds finished steps "
                  "in the Prefect cache and skips them, so an interrupted run continues):", "")
-        self.add(*_table(["run", "started (UTC)", "wall min"],
-                         [[i + 1, r["started"], f"{r['wall_s'] / 60:.1f}"]
+        self.add(*_table(["run", "started (UTC)", "wall min", "load average (15 min) at the end"],
+                         [[i + 1, r["started"], f"{r['wall_s'] / 60:.1f}", r.get("load_15min")]
                           for i, r in enumerate(runs)]))
+        self.add(f"A load above {os.cpu_count()} means other work shared the cores and "
+                 "stretched the wall time.", "")
 
     def metrics_section(self) -> None:
         base, inp = self.base, self.inp
@@ -704,8 +706,11 @@ def record_run(report_dir: Path, started_at: float | None) -> list[dict]:
     ledger = json.loads(path.read_text()) if path.exists() else []
     if started_at is not None:
         now = dt.datetime.now(dt.UTC).timestamp()
+        # The machine's load says how much of the wall time other work took.
+        load = os.getloadavg()[2] if hasattr(os, "getloadavg") else None
         ledger.append({"started": dt.datetime.fromtimestamp(started_at, dt.UTC)
-                       .strftime("%Y-%m-%d %H:%M"), "wall_s": round(now - started_at, 1)})
+                       .strftime("%Y-%m-%d %H:%M"), "wall_s": round(now - started_at, 1),
+                       "load_15min": None if load is None else round(load, 2)})
         report_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{LEDGER_NAME}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(ledger, indent=1) + "\n")
