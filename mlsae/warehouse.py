@@ -593,8 +593,8 @@ def check_part_sums(warehouse_dir: str | os.PathLike) -> None:
             "warehouse, or a logging run stopped between files; if a run is logging this "
             "SAE now, wait for it). Fix: compute them from the logged parts, without the "
             "model: python -c \"from mlsae.latents import complete_part_sums; "
-            f"complete_part_sums('{Path(warehouse_dir)}')\", or rerun the logging "
-            "(e.g. the same `mlsae run`), which adds them")
+            f"complete_part_sums('{Path(warehouse_dir)}')\" (or rerun "
+            "mlsae.latents.log_latents for that SAE, which adds them)")
     for table in PART_SUM_TABLES:
         for path in table_files(warehouse_dir, table):
             sae_id = path.parent.name.removeprefix("sae_id=")
