@@ -81,10 +81,12 @@ def command(query: str | None, warehouse: Path | None, fmt: str, output: Path | 
             max_rows: int, setup: bool) -> None:
     """Run one read-only SQL QUERY over the warehouse.
 
-    Tables: saes, layer_metrics, tokens, latents. Views: latent_layers, latent_stats,
-    variance_summary, latent_heatmap, layer_stats, latent_seq_moments, sae_layers.
-    Table macros: prompt_heatmap(sae, seq), top_contexts(n := 10, width := 8),
-    dead_latents(max_frequency := 0.0). See docs/warehouse.md.
+    Tables: saes, layer_metrics, tokens, latents, and the per-part sums the views add
+    up (latent_layer_sums, latent_var_sums, seq_sums). Views: latent_layers,
+    latent_stats, variance_summary, latent_heatmap, layer_stats, token_layer_spread,
+    latent_seq_moments, sae_layers. Table macros: prompt_heatmap(sae, seq),
+    top_contexts(n := 10, width := 8), dead_latents(max_frequency := 0.0), and the
+    *_of macros for an analysis of a subset of the rows. See docs/warehouse.md.
 
     \b
     Examples:
