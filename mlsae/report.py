@@ -310,14 +310,16 @@ class _Builder:
                         "would."), "")
         if exhausted:
             self.add(f"Runs that ran out of training data before their budget: {', '.join(exhausted)}.", "")
-        curves = {e.label: ([h["tokens"] for h in f.history], [h["fvu"] for h in f.history],
-                            [h["dead_fraction"] for h in f.history])
+        curves = {e.label: (_smooth([h["tokens"] for h in f.history]),
+                            _smooth([h["fvu"] for h in f.history]),
+                            _smooth([h["dead_fraction"] for h in f.history]))
                   for e in self.inp.grid if (f := self.facts[e.sae_id]) and f.history}
         if curves:
             path = figures.plot_training_curves(curves, self.fig_dir / "training_curves.png",
                                                 highlight=[e.label for e in self.mlsaes])
-            self.figure(path, "Training FVU (log scale) and dead fraction per autoencoder; "
-                              "thin lines: single-layer SAEs.")
+            self.figure(path, "Training FVU (log scale) and dead fraction per autoencoder, "
+                              "means over windows of 1% of the steps; dashed: single-layer "
+                              "SAEs.")
         runs = [r for r in ledger if r.get("wall_s") is not None]
         self.add("**Runtime.** "
                  f"Training the {len(self.inp.grid)} autoencoders took "
@@ -690,6 +692,15 @@ class _Builder:
         tmp.write_text("\n".join(self.lines).rstrip() + "\n")
         os.replace(tmp, path)
         return ReportOutput(path, self.figures)
+
+
+def _smooth(values: Sequence[float], n_points: int = 100) -> list[float]:
+    """Means over consecutive windows (about n_points of them): per-step training
+    metrics are noisy, and a curve of 2,000 raw points is mostly ink."""
+    v = np.asarray(values, dtype=np.float64)
+    width = max(1, len(v) // n_points)
+    n = len(v) // width * width
+    return v[:n].reshape(-1, width).mean(axis=1).tolist() if n else v.tolist()
 
 
 def _nan(value: Any) -> float:
