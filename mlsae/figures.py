@@ -378,20 +378,27 @@ def plot_training_curves(curves: dict[str, tuple[Sequence[float], Sequence[float
 def plot_variance_by_config(labels: Sequence[str], series: dict[str, Sequence[float]],
                             path: str | os.PathLike,
                             title: str = "Variance of the layer distributions") -> Path:
-    """Grouped bars on a log axis: one group per config, one bar per series (e.g. mean
-    layer / prompt / token variance). Non-positive or missing values are left out."""
+    """Grouped bars: one group per config, one bar per series (e.g. mean layer / prompt /
+    token variance). Non-positive or missing values are left out. The axis starts at 0
+    unless the values span more than 20x (then it is logarithmic), so bar heights never
+    exaggerate small differences."""
     if not series or any(len(v) != len(labels) for v in series.values()):
         raise ValueError("every series needs one value per label")
     fig, ax = _new_figure(max(5.0, 1.2 + 1.1 * len(labels)), 4)
     x = np.arange(len(labels))
     width = 0.8 / len(series)
+    finite = []
     for i, (name, values) in enumerate(series.items()):
         v = np.asarray([np.nan if (y is None or not y > 0) else y for y in values], dtype=float)
+        finite += [y for y in v if np.isfinite(y)]
         ax.bar(x - 0.4 + width * (i + 0.5), v, width, label=name)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize="small")
-    ax.set(yscale="log", ylabel="variance (layers^2)", title=title)
+    log = bool(finite) and max(finite) > 20 * min(finite)
+    ax.set(yscale="log" if log else "linear", ylabel="variance (layers^2)", title=title)
+    if not log:
+        ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 

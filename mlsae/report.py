@@ -453,8 +453,7 @@ class _Builder:
                 "token var": [rows[e.sae_id]["mean_token_var"] for e in self.mlsaes
                               if e.sae_id in rows]}, self.fig_dir / "variance_by_config.png")
             self.figure(path, "Mean variance of the layer distributions over live latents: "
-                              "aggregated over all tokens, within a prompt, within a token "
-                              "(log scale).")
+                              "aggregated over all tokens, within a prompt, within a token.")
         r = rows.get(self.base.sae_id, {})
         self.verdicts["ratio_token"] = {e.label: rows.get(e.sae_id, {}).get("ratio_token")
                                         for e in self.mlsaes}
