@@ -326,8 +326,10 @@ class _Builder:
                  f"{train_seconds / 60:.1f} min of wall time in total "
                  "(tokens / measured tokens per second of each run's last session), on "
                  f"{os.cpu_count()} CPU cores ({platform.machine()}, device `{self.inp.device}`). "
-                 "Wall time of the report runs into this warehouse (a run finds finished steps "
-                 "in the Prefect cache and skips them, so an interrupted run continues):", "")
+                 "Wall time of the report runs into this warehouse that got as far as writing "
+                 "the report (a run finds finished steps in the Prefect cache and skips them, "
+                 "so after an interruption the next run continues; the interrupted run's own "
+                 "time is not listed):", "")
         self.add(*_table(["run", "started (UTC)", "wall min", "load average (15 min) at the end"],
                          [[i + 1, r["started"], f"{r['wall_s'] / 60:.1f}", r.get("load_15min")]
                           for i, r in enumerate(runs)]))
