@@ -456,12 +456,10 @@ class _Builder:
                               if e.sae_id in rows]}, self.fig_dir / "variance_by_config.png")
             self.figure(path, "Mean variance of the layer distributions over live latents: "
                               "aggregated over all tokens, within a prompt, within a token.")
-        r = rows.get(self.base.sae_id, {})
         self.verdicts["ratio_token"] = {e.label: rows.get(e.sae_id, {}).get("ratio_token")
                                         for e in self.mlsaes}
         self.verdicts["ref_ratio"] = {e.label: _ratio(1.0, rows.get(e.sae_id, {}).get("ref_rel_var"))
                                       for e in self.mlsaes}
-        self.verdicts["base_ratio"] = r.get("ratio_token")
 
     def activity_section(self) -> None:
         ids = [e.sae_id for e in self.mlsaes]
@@ -508,8 +506,6 @@ class _Builder:
                                             for c, e in enumerate(self.mlsaes)}
         self.verdicts["latent_one_layer"] = {e.label: per_latent.get(e.sae_id, {}).get(
             "frac_one_layer") for e in self.mlsaes}
-        self.verdicts["layer_std"] = {e.label: per_latent.get(e.sae_id, {}).get("mean_layer_std")
-                                      for e in self.mlsaes}
         self.add(*self.trend_lines(per_latent, token_CL))
         labels = [e.label for e in self.mlsaes]
         path = figures.plot_layers_active(labels, token_CL, self.fig_dir / "token_layers_active.png",
