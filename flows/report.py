@@ -17,6 +17,7 @@ report itself is rewritten on every run (it is cheap).
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import TypedDict
 
@@ -40,12 +41,6 @@ REPORT_EXPANSION_FACTORS = (2, 4, 8)
 REPORT_KS = (8, 16, 32)
 BASE_EXPANSION_FACTOR = 4
 BASE_K = 16
-REPORT_DEFAULTS = dict(model="embedded", data="embedded",
-                       expansion_factors=list(REPORT_EXPANSION_FACTORS), ks=list(REPORT_KS),
-                       base_expansion_factor=BASE_EXPANSION_FACTOR, base_k=BASE_K, lens=True,
-                       train_tokens=REPORT_TRAIN_TOKENS, batch_tokens=REPORT_BATCH_TOKENS,
-                       eval_tokens=REPORT_EVAL_TOKENS,
-                       seq_len=DEFAULT_SEQ_LEN, seed=0, lr=DEFAULT_LR, device="auto")
 
 
 class ReportResult(TypedDict):
@@ -153,3 +148,8 @@ def report(
                         report_dir=manifest["report_dir"],
                         sae_ids=[s["sae_id"] for s in plan["specs"]],
                         seconds=round(time.time() - start, 1))
+
+
+# The flow's defaults, read from its signature (one place): the CLI fills unset options
+# from them, and the report's reproduce command names only what differs.
+REPORT_DEFAULTS = {name: p.default for name, p in inspect.signature(report.fn).parameters.items()}

@@ -139,9 +139,9 @@ class _Warehouse:
         self.con = connect(root, read_only=True)
 
     def rows(self, sql: str) -> list[dict[str, Any]]:
-        cursor = self.con.execute(sql)
-        columns = [d[0] for d in cursor.description]
-        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        from mlsae.warehouse import query_dicts
+
+        return query_dicts(self.con, sql)
 
     def close(self) -> None:
         self.con.close()

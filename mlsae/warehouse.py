@@ -542,24 +542,16 @@ def connect(warehouse_dir: str | os.PathLike, read_only: bool = True,
     extension install/load, configuration locked. Raises WarehouseError naming any
     corrupt or foreign Parquet file in the warehouse.
     """
-    import duckdb
-
     root = Path(warehouse_dir).resolve()
     if not root.is_dir():
         raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
                              "MLSAE_HOME) to a directory written by `mlsae run`")
-    con = duckdb.connect(":memory:")
-    con.execute("SET enable_progress_bar = false")  # it would print on stdout (csv output!)
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    if memory_limit:
-        con.execute(f"SET memory_limit = {_sql_literal(memory_limit)}")
+    con = _open_duckdb(threads, memory_limit)
     try:
         for table in TABLES:
             con.execute(table_view_sql(root, table, empty=not table_files(root, table)))
         check_part_sums(root)
-        for f in sql_files():
-            con.execute(f.text)
+        _register_sql(con)
         _check_sae_id_hashes(con, root)
         if read_only:
             _lock_down(con, root)
@@ -567,6 +559,32 @@ def connect(warehouse_dir: str | os.PathLike, read_only: bool = True,
         con.close()
         raise
     return con
+
+
+def _open_duckdb(threads: int | None = None, memory_limit: str | None = None):
+    """An in-memory DuckDB connection with mlsae's session settings."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")  # it would print on stdout (csv output!)
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    if memory_limit:
+        con.execute(f"SET memory_limit = {_sql_literal(memory_limit)}")
+    return con
+
+
+def _register_sql(con) -> None:
+    """Every sql/ view and macro, in dependency order, over the tables `con` already has."""
+    for f in sql_files():
+        con.execute(f.text)
+
+
+def query_dicts(con, sql: str, params: list | None = None) -> list[dict]:
+    """The rows of one query on a connection, each as {column: value}."""
+    cursor = con.execute(sql, params or [])
+    columns = [d[0] for d in cursor.description]
+    return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
 
 def missing_part_sums(warehouse_dir: str | os.PathLike) -> list[Path]:
@@ -610,15 +628,10 @@ def part_connection(warehouse_dir: str | os.PathLike, sae_id: str, part: int,
     """A DuckDB connection whose `saes`, `latents` and `tokens` are that SAE's row and the
     files of ONE logged part (other tables empty), with every sql/ macro and view
     registered: mlsae.part_sums runs sql/part_sums.sql's macros on it."""
-    import duckdb
-
     files = {"saes": [partition_dir(warehouse_dir, "saes", sae_id) / "saes.parquet"],
              "latents": [part_path(warehouse_dir, "latents", sae_id, part)],
              "tokens": [part_path(warehouse_dir, "tokens", sae_id, part)]}
-    con = duckdb.connect(":memory:")
-    con.execute("SET enable_progress_bar = false")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
+    con = _open_duckdb(threads)
     try:
         for table in TABLES:
             paths = files.get(table)
@@ -633,8 +646,7 @@ def part_connection(warehouse_dir: str | os.PathLike, sae_id: str, part: int,
             else:
                 body = _empty_table_sql(table)
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {body};")
-        for f in sql_files():
-            con.execute(f.text)
+        _register_sql(con)
     except Exception:
         con.close()
         raise

@@ -47,14 +47,11 @@ def _clean(value: Any) -> Any:
 
 def query_rows(out: str, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
     """Rows of one query over the warehouse (tables + sql/ views), as dicts."""
-    from mlsae.warehouse import connect
+    from mlsae.warehouse import connect, query_dicts
 
     con = connect(out, read_only=True)
     try:
-        cursor = con.execute(sql, params or [])
-        columns = [d[0] for d in cursor.description]
-        return [{c: _clean(v) for c, v in zip(columns, row, strict=True)}
-                for row in cursor.fetchall()]
+        return [{c: _clean(v) for c, v in row.items()} for row in query_dicts(con, sql, params)]
     finally:
         con.close()
 
