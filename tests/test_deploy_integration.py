@@ -52,13 +52,18 @@ def trigger(server: PrefectServer, name: str, parameters: dict) -> str:
 
 def wait_for(server: PrefectServer, run_id: str, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
+    state = "unknown"
     while time.monotonic() < deadline:
-        run = server.api("GET", f"flow_runs/{run_id}")
-        if run["state"]["type"] in TERMINAL:
+        try:
+            run = server.api("GET", f"flow_runs/{run_id}")
+        except TimeoutError:  # one slow reply (SQLite busy under a running flow): poll again
+            continue
+        state = run["state"]["type"]
+        if state in TERMINAL:
             return run
         time.sleep(1.0)
     raise TimeoutError(f"flow run {run_id} not finished after {timeout_s:.0f}s "
-                       f"(state {run['state']['type']})\n{server.child_logs()}")
+                       f"(state {state})\n{server.child_logs()}")
 
 
 def runs_of(server: PrefectServer, deployment: dict) -> list[dict]:
