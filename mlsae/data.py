@@ -134,8 +134,9 @@ def _jsonl_documents(path: Path, column: str) -> Iterator[str]:
                                 "JSONL files need one JSON object per line") from err
             if not isinstance(row, dict) or column not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno} has no {column!r} field (found {keys}); "
-                                "set text_column (--text-column) to the field holding the text")
+                raise DataError(f"{path}:{lineno} has no {column!r} field (its fields: {keys}); "
+                                "pass --text-column FIELD naming the field that holds the text "
+                                "(DataConfig.text_column)")
             if row[column]:
                 yield str(row[column])
 
@@ -145,8 +146,9 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
 
     pf = pq.ParquetFile(path)
     if column not in pf.schema_arrow.names:
-        raise DataError(f"{path} has no column {column!r} (columns: {pf.schema_arrow.names}); "
-                        "set text_column (--text-column) to the column holding the text")
+        raise DataError(f"{path} has no column {column!r} (its columns: {pf.schema_arrow.names}); "
+                        "pass --text-column COLUMN naming the column that holds the text "
+                        "(DataConfig.text_column)")
     for batch in pf.iter_batches(columns=[column], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:
@@ -204,11 +206,10 @@ def _local_documents(path: Path, cfg: DataConfig) -> Iterator[str]:
 
 def _hub_documents(name: str, cfg: DataConfig) -> Iterator[str]:
     """Open the hub data set now (so offline fails at once), stream its rows lazily."""
-    from mlsae.models import _hub_reachable  # the same fast probe as model loading
+    from mlsae.models import _hub_reachable, hub_download_command  # as model loading
 
-    fix = (f"On a machine with network run `huggingface-cli download {name} --repo-type dataset "
-           f"--local-dir DIR`, copy DIR here and pass --data DIR (its Parquet/JSONL files), "
-           "or use --data embedded")
+    fix = (f"On a machine with network run `{hub_download_command(name, 'dataset')}`, copy DIR "
+           "here and pass --data DIR (its Parquet/JSONL files), or use --data embedded")
     if not _hub_reachable():
         offline = os.environ.get("HF_HUB_OFFLINE", "")
         why = f"HF_HUB_OFFLINE={offline} is set" if offline else "the hub is not reachable"
@@ -239,7 +240,8 @@ def _hub_documents(name: str, cfg: DataConfig) -> Iterator[str]:
         for row in ds:
             if cfg.text_column not in row:
                 raise DataError(f"hub data set {name!r} has no {cfg.text_column!r} column "
-                                f"(found {sorted(row)}); set text_column (--text-column)")
+                                f"(its columns: {sorted(row)}); pass --text-column COLUMN "
+                                "naming the column that holds the text (DataConfig.text_column)")
             text = row[cfg.text_column]
             if text and (not hash_split or is_test_document(text) == want_test):
                 yield text

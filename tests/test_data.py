@@ -179,10 +179,12 @@ def test_empty_corpus(tmp_path, tokenizer):
 
 def test_missing_text_column_names_the_option(tmp_path, tokenizer):
     src = _write_jsonl(tmp_path / "d.jsonl", ["a b c"], column="body")
-    with pytest.raises(DataError, match="no 'text' field.*text_column"):
+    with pytest.raises(DataError, match=r"no 'text' field \(its fields: \['body'\]\).*"
+                                        r"--text-column"):
         load_sequences(DataConfig(source=str(src)), tokenizer)
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
-    with pytest.raises(DataError, match="no column 'text'.*text_column"):
+    with pytest.raises(DataError, match=r"no column 'text' \(its columns: \['body'\]\).*"
+                                        r"--text-column"):
         load_sequences(DataConfig(source=str(tmp_path / "d.parquet")), tokenizer)
     assert load_sequences(DataConfig(source=str(src), text_column="body", seq_len=2),
                           tokenizer).tokens_BT.shape[1] == 2
