@@ -179,7 +179,7 @@ def test_empty_corpus(tmp_path, tokenizer):
 
 def test_missing_text_column_names_the_option(tmp_path, tokenizer):
     src = _write_jsonl(tmp_path / "d.jsonl", ["a b c"], column="body")
-    with pytest.raises(DataError, match=r"no 'text' field \(its fields: \['body'\]\).*"
+    with pytest.raises(DataError, match=r"no 'text' field \(its fields: \['body', 'id'\]\).*"
                                         r"--text-column"):
         load_sequences(DataConfig(source=str(src)), tokenizer)
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
