@@ -122,33 +122,108 @@ def _manifest(cfg: ExtractConfig, loaded: LoadedModel, layers: list[int]) -> Cac
     )
 
 
+def _batches(cfg: ExtractConfig, loaded: LoadedModel, layers: list[int], start: int,
+             stream: ActivationStream | None = None
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens [b, T], acts [b, T, L, D] storage dtype) of forward batches of sequences.
+
+    Batches are aligned on multiples of batch_size counted from sequence 0, whatever `start`
+    (the first batch begins at the multiple at or below it): every path (cache, stream,
+    restart) runs the same batches and so gets the same numbers. Skipped sequences are
+    tokenized, never run. On CUDA the result goes to pinned host memory asynchronously; it
+    is read one batch later, so the copy overlaps the next forward pass.
+    """
+    data = cfg.data_config()
+    store = {"float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+    sequences = iter_sequences(data, loaded.tokenizer)
+    first = start - start % cfg.batch_size
+    next(itertools.islice(sequences, first, first), None)
+    cuda = next(loaded.model.parameters()).device.type == "cuda"
+    pending = None
+
+    def finish(item):
+        tokens_bT, host, finite, event = item
+        if event is not None:
+            event.synchronize()
+        if not bool(finite):
+            raise CacheError(f"activations overflow {cfg.dtype} (inf/nan in layers "
+                             f"{layers}): extract with dtype float32")
+        return tokens_bT, host.numpy()
+
+    while True:
+        chunks = list(itertools.islice(sequences, cfg.batch_size))
+        if not chunks:
+            break
+        tokens_bT = np.stack([c.tokens_T for c in chunks])
+        acts = capture_residuals(loaded.model, torch.from_numpy(tokens_bT).long(), layers)
+        acts = acts.to(store)
+        finite = torch.isfinite(acts).all()
+        event = None
+        if cuda:
+            host = torch.empty(acts.shape, dtype=store, pin_memory=True)
+            host.copy_(acts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = acts
+        if stream is not None:
+            stream.forward_batches += 1
+            stream.sequences_run += len(chunks)
+        if pending is not None:
+            yield finish(pending)
+        pending = (tokens_bT, host, finite, event)
+    if pending is not None:
+        yield finish(pending)
+
+
+def _chunks(cfg: ExtractConfig, loaded: LoadedModel, layers: list[int], start: int,
+            chunk_sequences: int, progress: Progress | None = None,
+            stream: ActivationStream | None = None) -> Iterator[ShardArrays]:
+    """Sequences start, start+1, ... as ShardArrays of `chunk_sequences` (the last may be
+    shorter), with the special-token mask."""
+    data = cfg.data_config()
+    limit = data.max_sequences
+    skip = start % cfg.batch_size
+    shape = (data.seq_len, len(layers), d_model(loaded.model))
+    buf_acts = buf_tok = None
+    n = 0
+    emitted = start
+
+    def emit(acts, toks):
+        return ShardArrays(acts, toks, special_token_mask(toks, loaded.tokenizer))
+
+    for tokens_bT, acts_bTLD in _batches(cfg, loaded, layers, start, stream):
+        if skip:
+            tokens_bT, acts_bTLD, skip = tokens_bT[skip:], acts_bTLD[skip:], 0
+        if progress is not None:
+            progress.update(tokens_bT.size)
+        while len(tokens_bT):
+            if buf_acts is None:
+                size = chunk_sequences if limit is None else min(chunk_sequences,
+                                                                 limit - emitted)
+                buf_acts = np.empty((size, *shape), dtype=CACHE_DTYPES[cfg.dtype])
+                buf_tok = np.empty((size, shape[0]), dtype=tokens_bT.dtype)
+                n = 0
+            take = min(len(buf_acts) - n, len(tokens_bT))
+            buf_acts[n:n + take] = acts_bTLD[:take]
+            buf_tok[n:n + take] = tokens_bT[:take]
+            tokens_bT, acts_bTLD, n = tokens_bT[take:], acts_bTLD[take:], n + take
+            if n == len(buf_acts):
+                emitted += n
+                yield emit(buf_acts, buf_tok)
+                buf_acts = buf_tok = None
+    if buf_acts is not None and n:
+        yield emit(buf_acts[:n], buf_tok[:n])
+
+
 def _iter_shards(cfg: ExtractConfig, loaded: LoadedModel, layers: list[int],
                  skip_shards: int = 0, log: Callable[[str], None] | None = None
                  ) -> Iterator[ShardArrays]:
     data = cfg.data_config()
-    store = {"float16": torch.float16, "float32": torch.float32}[cfg.dtype]
-    sequences = iter_sequences(data, loaded.tokenizer)
-    # Resuming: regenerate (deterministically) and drop the sequences already stored.
     skip = skip_shards * cfg.shard_sequences
-    next(itertools.islice(sequences, skip, skip), None)
     total = (data.max_sequences - skip) * data.seq_len if data.max_sequences else None
     progress = Progress("extract", total=total, unit="tokens", log=log)
-    while True:
-        chunks = list(itertools.islice(sequences, cfg.shard_sequences))
-        if not chunks:
-            break
-        tokens_BT = np.stack([c.tokens_T for c in chunks])
-        acts_BTLD = np.empty((*tokens_BT.shape, len(layers), d_model(loaded.model)),
-                             dtype=CACHE_DTYPES[cfg.dtype])
-        for start in range(0, len(tokens_BT), cfg.batch_size):
-            ids_BT = torch.from_numpy(tokens_BT[start:start + cfg.batch_size]).long()
-            acts = capture_residuals(loaded.model, ids_BT, layers).to(store)
-            if not torch.isfinite(acts).all():
-                raise CacheError(f"activations overflow {cfg.dtype} (inf/nan in layers "
-                                 f"{layers}): extract with dtype float32")
-            acts_BTLD[start:start + len(ids_BT)] = acts.cpu().numpy()
-            progress.update(ids_BT.numel())
-        yield ShardArrays(acts_BTLD, tokens_BT, special_token_mask(tokens_BT, loaded.tokenizer))
+    yield from _chunks(cfg, loaded, layers, skip, cfg.shard_sequences, progress)
     progress.close()
 
 
@@ -172,8 +247,68 @@ def extract_to_cache(cfg: ExtractConfig, out_dir: str | Path, *,
     return ActivationCache.open(out_dir)
 
 
+class ActivationStream:
+    """Block outputs computed on the fly, restartable at any sequence without replaying the model.
+
+        stream = ActivationStream(ExtractConfig(max_sequences=4096), loaded)
+        for shard in stream: ...                       # the shards extract_to_cache would store
+        for window in stream.shards(start=1024, chunk_sequences=256, progress=None): ...
+
+    Sequences are numbered from 0 in data order. `shards(start)` tokenizes and drops the
+    sequences before `start` and runs the model only from there (from the batch_size multiple
+    at or below `start`: forward batches are aligned from sequence 0, so every start gives the
+    same numbers). Batches run on the model's device; on CUDA results come back through
+    pinned memory. `forward_batches` and `sequences_run` count the model's work (tests,
+    logs). Training reads it with mlsae.sae.train_many, which restarts it at the window of
+    its checkpoint.
+    """
+
+    def __init__(self, cfg: ExtractConfig, loaded: LoadedModel | None = None, *,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.loaded, self.layers = _prepare(cfg, loaded)
+        self.d_model = d_model(self.loaded.model)
+        self.seq_len = cfg.data.seq_len
+        self.log = log
+        self.forward_batches = 0
+        self.sequences_run = 0
+
+    @property
+    def n_sequences(self) -> int | None:
+        """Sequences in one pass when max_sequences is set (the data may hold fewer), else None."""
+        return self.cfg.data_config().max_sequences
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    def data_record(self) -> dict:
+        """The DataConfig as stored in a cache manifest (source normalised)."""
+        return _data_identity(self.cfg)
+
+    def shards(self, start: int = 0, chunk_sequences: int | None = None,
+               progress: bool = True) -> Iterator[ShardArrays]:
+        """ShardArrays of `chunk_sequences` sequences (default shard_sequences) from sequence
+        `start` on; progress=False reports nothing (the caller has its own progress line)."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        chunk = chunk_sequences or self.cfg.shard_sequences
+        if not progress:
+            return _chunks(self.cfg, self.loaded, self.layers, start, chunk, None, self)
+
+        def run() -> Iterator[ShardArrays]:
+            n = self.n_sequences
+            total = max(0, n - start) * self.seq_len if n is not None else None
+            bar = Progress("extract", total=total, unit="tokens", log=self.log)
+            yield from _chunks(self.cfg, self.loaded, self.layers, start, chunk, bar, self)
+            bar.close()
+        return run()
+
+    def __iter__(self) -> Iterator[ShardArrays]:
+        return self.shards()
+
+
 def stream_activations(cfg: ExtractConfig, loaded: LoadedModel | None = None,
                        log: Callable[[str], None] | None = None) -> Iterator[ShardArrays]:
     """The same shards as extract_to_cache, computed on the fly with nothing on disk."""
-    loaded, layers = _prepare(cfg, loaded)
-    return _iter_shards(cfg, loaded, layers, 0, log)
+    return iter(ActivationStream(cfg, loaded, log=log))
