@@ -11,13 +11,18 @@ from collections.abc import Callable
 
 
 class Progress:
-    """Reports `done/total unit` with a rate, at most every `every_s` seconds."""
+    """Reports `done/total unit` with a rate, at most every `every_s` seconds.
+
+    `initial`: units already done before this run (a resumed job): `done` starts there, so
+    the total stays the whole job's, while the rate and ETA count only this run's work.
+    """
 
     def __init__(self, desc: str, total: float | None = None, unit: str = "tokens",
-                 every_s: float = 5.0, log: Callable[[str], None] | None = None):
+                 every_s: float = 5.0, log: Callable[[str], None] | None = None,
+                 initial: float = 0.0):
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.done = 0.0
+        self.initial = self.done = float(initial)
         self.start = self._last = time.perf_counter()
 
     def update(self, n: float, **fields: object) -> None:
@@ -35,7 +40,7 @@ class Progress:
 
     def rate(self, now: float | None = None) -> float:
         elapsed = (now or time.perf_counter()) - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
 
     def _line(self, now: float, fields: dict) -> str:
         rate = self.rate(now)

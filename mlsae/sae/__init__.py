@@ -9,7 +9,7 @@ hot path), train.py (TrainState, resume), evaluate.py (SPEC 4 metrics per layer)
 from mlsae.sae.config import SAEConfig, TrainConfig
 from mlsae.sae.evaluate import LayerMetrics, evaluate_sae, mean_over_layers
 from mlsae.sae.model import MLSAE, EncoderOutput, ForwardOutput
-from mlsae.sae.train import TrainResult, TrainState, train_sae
+from mlsae.sae.train import TrainingInterrupted, TrainResult, TrainState, train_many, train_sae
 
-__all__ = ["SAEConfig", "TrainConfig", "MLSAE", "EncoderOutput", "ForwardOutput", "train_sae",
-           "TrainResult", "TrainState", "evaluate_sae", "LayerMetrics", "mean_over_layers"]
+__all__ = ["SAEConfig", "TrainConfig", "MLSAE", "EncoderOutput", "ForwardOutput", "train_sae", "train_many",
+           "TrainingInterrupted",           "TrainResult", "TrainState", "evaluate_sae", "LayerMetrics", "mean_over_layers"]

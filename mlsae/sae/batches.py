@@ -4,12 +4,17 @@ Examples are (token, layer) rows: every unmasked token of a sequence gives one r
 per trained layer (masked special tokens give none). Shuffling is two-level so that
 memory stays bounded at any data size:
 
-1. sequences are read in WINDOWS of `window_sequences`: for the cache, windows are
-   consecutive slices of a fresh random permutation of all sequences each epoch;
-   for a stream, windows are consecutive shards as they arrive (one epoch, unless
-   the stream is a re-iterable collection);
-2. all rows of a window (every token x every layer) are permuted together.
+1. sequences are read in WINDOWS: for the cache, consecutive slices of
+   `window_sequences` of a fresh random permutation of all sequences each epoch (the
+   cache order when shuffling is off); for a stream, sequences as they arrive (one epoch,
+   unless the stream is a re-iterable collection);
+2. all rows of a window (every token x every layer) are permuted together, with the
+   seed of the SAE (`RowSampler`; not at all when shuffling is off).
 
+One window serves every SAE trained in the same pass (mlsae.sae.train_many): it holds
+the vectors of the layers any of them needs, and each SAE gathers its own rows from it
+through its own permutation. SAEs that share batch_tokens consume the same tokens of
+the window per step, whatever their number of layers, so they stay in lock-step.
 Everything is a function of (seed, epoch, window), so a `DataPosition`
 (epoch, window, offset) is all a checkpoint needs to continue with exactly the
 same batches.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,14 +37,19 @@ class DataPosition(NamedTuple):
     epoch: int = 0
     window: int = 0
     offset: int = 0
-    """Rows of the (permuted) window already consumed."""
+    """Rows of the (permuted) window already consumed (tokens, in the shared WindowCursor)."""
 
 
 class Window(NamedTuple):
-    x_ND: Tensor
-    """Rows in the storage dtype (float16 for the default cache), unpermuted, CPU."""
-    slot_N: Tensor
-    """Layer slot (index into the trained layers) of each row, int64."""
+    acts_ULD: Tensor
+    """Every token's (U = sequences x T, masked ones included) vectors at the window's layers,
+    storage dtype (float16 for the default cache), CPU."""
+    tok_N: Tensor
+    """Indices into U of the unmasked tokens, in order (int64)."""
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tok_N.shape[0]
 
 
 class Batch(NamedTuple):
@@ -50,18 +60,44 @@ class Batch(NamedTuple):
     """Where the next batch starts."""
 
 
+class Piece(NamedTuple):
+    """Tokens lo..hi (in the window's unmasked-token order) of window `window` of `epoch`."""
+    epoch: int
+    window: int
+    data: Window
+    lo: int
+    hi: int
+
+
+def window_from_arrays(parts: Iterable[tuple[np.ndarray, np.ndarray]],
+                       layer_pos: list[int] | None = None) -> Window:
+    """One Window from (acts [b, T, L, D], mask [b, T]) parts, keeping the L positions
+    `layer_pos` (None: all)."""
+    accs, toks, base = [], [], 0
+    for acts, mask in parts:
+        acts = np.asarray(acts)
+        if layer_pos is not None and list(layer_pos) != list(range(acts.shape[2])):
+            acts = acts[:, :, layer_pos, :]
+        if not acts.flags.writeable or not acts.flags.c_contiguous:
+            acts = np.array(acts, order="C")  # memory-mapped shards: read into RAM
+        b, t, n_lay, d = acts.shape
+        accs.append(torch.from_numpy(acts.reshape(b * t, n_lay, d)))
+        toks.append(torch.from_numpy(np.flatnonzero(np.asarray(mask, dtype=bool))) + base)
+        base += b * t
+    if not accs:
+        raise ValueError("a window needs at least one part")
+    if len(accs) == 1:
+        return Window(accs[0], toks[0])
+    return Window(torch.cat(accs), torch.cat(toks))
+
+
 def rows_from_arrays(acts_BTLD: np.ndarray, mask_BT: np.ndarray,
-                     layer_pos: list[int]) -> Window:
-    """Every unmasked token's vectors at the chosen layer positions of the L axis, as rows."""
-    mask_BT = np.asarray(mask_BT, dtype=bool)
-    acts = np.asarray(acts_BTLD)
-    if list(layer_pos) != list(range(acts.shape[2])):
-        acts = acts[:, :, layer_pos, :]
-    x_TLD = acts[mask_BT]  # [tokens, L, D]
-    n_tok, n_lay, d = x_TLD.shape
-    x_ND = torch.from_numpy(np.ascontiguousarray(x_TLD).reshape(n_tok * n_lay, d))
-    slot_N = torch.arange(n_lay).repeat(n_tok)
-    return Window(x_ND, slot_N)
+                     layer_pos: list[int]) -> tuple[Tensor, Tensor]:
+    """Every unmasked token's vectors at the chosen layer positions, as (rows, layer slots)."""
+    win = window_from_arrays([(acts_BTLD, mask_BT)], layer_pos)
+    n_lay = win.acts_ULD.shape[1]
+    x = win.acts_ULD[win.tok_N].reshape(-1, win.acts_ULD.shape[2])
+    return x, torch.arange(n_lay).repeat(win.n_tokens)
 
 
 def window_seed(seed: int, epoch: int, window: int) -> int:
@@ -69,13 +105,15 @@ def window_seed(seed: int, epoch: int, window: int) -> int:
 
 
 class CacheWindows:
-    """Windows over an ActivationCache: a fresh permutation of its sequences each epoch."""
+    """Windows over an ActivationCache: a fresh permutation of its sequences each epoch
+    (seeded with `seed`; the cache's own order with shuffle=False). `layer_pos`: the
+    positions of the cache's L axis to load (None: all)."""
 
     repeatable = True
 
-    def __init__(self, cache: ActivationCache, layer_pos: list[int], window_sequences: int,
-                 seed: int):
-        self.cache, self.layer_pos, self.seed = cache, layer_pos, seed
+    def __init__(self, cache: ActivationCache, layer_pos: list[int] | None, window_sequences: int,
+                 seed: int, shuffle: bool = True):
+        self.cache, self.layer_pos, self.seed, self.shuffle = cache, layer_pos, seed, shuffle
         self.window_sequences = max(1, window_sequences)
         sizes = [s.n_sequences for s in cache.manifest.shards]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -88,7 +126,10 @@ class CacheWindows:
         return math.ceil(self.n_sequences / self.window_sequences)
 
     def windows(self, epoch: int, start: int) -> Iterator[tuple[int, Window]]:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences)
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences)
+        else:
+            perm = np.arange(self.n_sequences)
         for w in range(start, self.n_windows()):
             ids = np.sort(perm[w * self.window_sequences:(w + 1) * self.window_sequences])
             yield w, self._load(ids)
@@ -99,20 +140,22 @@ class CacheWindows:
         for s in np.unique(shard_of):
             local = ids[shard_of == s] - self.starts[s]
             arrays = self.cache.shard_arrays(int(s))
-            parts.append(rows_from_arrays(arrays.acts_BTLD[local], arrays.mask_BT[local],
-                                          self.layer_pos))
-        return Window(torch.cat([p.x_ND for p in parts]), torch.cat([p.slot_N for p in parts]))
+            parts.append((arrays.acts_BTLD[local], arrays.mask_BT[local]))
+        return window_from_arrays(parts, self.layer_pos)
 
 
 class StreamWindows:
-    """Windows over shards as they arrive (e.g. extract.stream_activations).
+    """Windows over shards as they arrive (e.g. extract.stream_activations), whole shards
+    until a window holds at least `window_tokens` tokens.
 
     An iterator is read once (one epoch); a re-iterable collection (a list of
     ShardArrays) is read again each epoch. Resuming re-reads and skips the windows
-    before the checkpoint's, so the stream must yield the same shards again.
+    before the checkpoint's, so the stream must yield the same shards again (an
+    mlsae.extract.ActivationStream restarts without that: see SequenceWindows).
     """
 
-    def __init__(self, source: Iterable[ShardArrays], layer_pos: list[int], window_tokens: int):
+    def __init__(self, source: Iterable[ShardArrays], layer_pos: list[int] | None,
+                 window_tokens: int):
         self.source, self.layer_pos, self.window_tokens = source, layer_pos, window_tokens
         self.repeatable = not isinstance(source, Iterator)
         self._used = False
@@ -134,31 +177,52 @@ class StreamWindows:
             yield w, self._load(pending)
 
     def _load(self, shards: list[ShardArrays]) -> Window:
-        parts = [rows_from_arrays(s.acts_BTLD, s.mask_BT, self.layer_pos) for s in shards]
-        return Window(torch.cat([p.x_ND for p in parts]), torch.cat([p.slot_N for p in parts]))
+        return window_from_arrays([(s.acts_BTLD, s.mask_BT) for s in shards], self.layer_pos)
 
 
-class BatchStream:
-    """Fixed-size batches of shuffled rows, starting at a DataPosition."""
+class SequenceWindows:
+    """Windows of `window_sequences` consecutive sequences of a restartable stream (one pass).
 
-    def __init__(self, windows: CacheWindows | StreamWindows, batch_rows: int, seed: int,
-                 position: DataPosition = DataPosition(), device: torch.device | str = "cpu"):
-        self.windows, self.batch_rows, self.seed = windows, batch_rows, seed
-        self.device = torch.device(device)
+    `stream` is an mlsae.extract.ActivationStream (anything with
+    `shards(start, chunk_sequences, progress=False)`): window w is sequences
+    w * window_sequences onwards, and starting at window w runs the model on nothing before.
+    """
+
+    repeatable = False
+
+    def __init__(self, stream: Any, layer_pos: list[int] | None, window_sequences: int):
+        self.stream, self.layer_pos = stream, layer_pos
+        self.window_sequences = max(1, window_sequences)
+
+    def windows(self, epoch: int, start: int) -> Iterator[tuple[int, Window]]:
+        if epoch > 0:
+            return
+        chunks = self.stream.shards(start * self.window_sequences, self.window_sequences,
+                                    progress=False)
+        for w, shard in enumerate(chunks, start):
+            yield w, window_from_arrays([(shard.acts_BTLD, shard.mask_BT)], self.layer_pos)
+
+
+Windows = CacheWindows | StreamWindows | SequenceWindows
+
+
+class WindowCursor:
+    """Walks the windows of a source in order (epoch after epoch when it is repeatable),
+    handing out `n` tokens at a time as Pieces; shared by every SAE of a pass.
+
+    position: (epoch, window, tokens of that window consumed); a window used up exactly is
+    reported as the start of the next one, so a restart never loads it again.
+    """
+
+    def __init__(self, windows: Windows, position: DataPosition = DataPosition()):
+        self.windows = windows
         self.position = DataPosition(*position)
         self._iter: Iterator[tuple[int, Window]] | None = None
-        self._rows: Tensor | None = None
-        self._slots: Tensor | None = None
-        self._perm: Tensor | None = None
+        self._win: Window | None = None
+        self._off = 0
         self.exhausted = False
 
-    def _load_next(self) -> bool:
-        """Load the next non-empty window with rows left; False when a one-pass stream ends.
-
-        The first call (re)starts at the position's window and offset (resume); later
-        calls continue with the following window, wrapping to a new epoch when the
-        source is repeatable.
-        """
+    def _advance(self) -> bool:
         epoch, window, offset = self.position
         resume_window = None
         if self._iter is None:
@@ -168,14 +232,128 @@ class BatchStream:
         while True:
             had_rows = False
             for w, win in self._iter:
-                n_rows = win.x_ND.shape[0]
+                n = win.n_tokens
+                had_rows = had_rows or n > 0
+                start = offset if w == resume_window else 0
+                if n == 0 or start >= n:
+                    continue
+                self._win, self._off = win, start
+                self.position = DataPosition(epoch, w, start)
+                return True
+            if not self.windows.repeatable:
+                return False
+            empty_epochs = 0 if had_rows else empty_epochs + 1
+            if empty_epochs > 1:
+                raise ValueError("the training data has no unmasked tokens: check the source "
+                                 "(every token masked, or no sequences)")
+            epoch, resume_window = epoch + 1, None
+            self._iter = self.windows.windows(epoch, 0)
+
+    def take(self, n: int) -> list[Piece] | None:
+        """The next n tokens as pieces of consecutive windows; None when a one-pass source ran out
+        (the tokens taken so far are lost, as a partial last batch is)."""
+        pieces = []
+        while n > 0:
+            if self._win is None or self._off >= self._win.n_tokens:
+                self._win = None
+                if not self._advance():
+                    self.exhausted = True
+                    return None
+            epoch, w, _ = self.position
+            take = min(n, self._win.n_tokens - self._off)
+            pieces.append(Piece(epoch, w, self._win, self._off, self._off + take))
+            self._off += take
+            n -= take
+            self.position = DataPosition(epoch, w, self._off)
+        if self._off >= self._win.n_tokens:  # used up: the next window is where to restart
+            self.position = DataPosition(self.position.epoch, self.position.window + 1, 0)
+        return pieces
+
+
+class RowSampler:
+    """One SAE's rows of each window: its layers' vectors of every unmasked token, permuted
+    with a generator seeded by (seed, epoch, window); in order when shuffle is off.
+
+    layer_pos: the SAE's layers as positions in the window's L axis. Row r of a window is
+    (token r // n_layers, layer slot r % n_layers) before permutation.
+    """
+
+    def __init__(self, layer_pos: list[int], seed: int, shuffle: bool = True):
+        self.layer_pos = torch.tensor(layer_pos, dtype=torch.int64)
+        self.n_slots, self.seed, self.shuffle = len(layer_pos), seed, shuffle
+        self._perm_key: tuple[int, int] | None = None
+        self._perm: Tensor | None = None
+
+    def _rows(self, piece: Piece) -> Tensor:
+        lo, hi = piece.lo * self.n_slots, piece.hi * self.n_slots
+        if not self.shuffle:
+            return torch.arange(lo, hi)
+        key = (piece.epoch, piece.window)
+        if self._perm_key != key:
+            gen = torch.Generator().manual_seed(window_seed(self.seed, *key))
+            self._perm = torch.randperm(piece.data.n_tokens * self.n_slots, generator=gen)
+            self._perm_key = key
+        return self._perm[lo:hi]
+
+    def rows(self, pieces: list[Piece]) -> tuple[Tensor, Tensor]:
+        """(rows in the storage dtype, CPU; layer slot of each row)."""
+        xs, slots = [], []
+        for p in pieces:
+            take = self._rows(p)
+            tok, slot = take // self.n_slots, take % self.n_slots
+            acts = p.data.acts_ULD
+            flat = p.data.tok_N[tok] * acts.shape[1] + self.layer_pos[slot]
+            xs.append(acts.view(-1, acts.shape[2])[flat])
+            slots.append(slot)
+        if len(xs) == 1:
+            return xs[0], slots[0]
+        return torch.cat(xs), torch.cat(slots)
+
+
+class BatchStream:
+    """Fixed-size batches of shuffled rows of one SAE, starting at a DataPosition (in rows).
+
+    The windows' own layer_pos are the SAE's layers. Training uses WindowCursor + RowSampler
+    (one pass for several SAEs); this is the same order for one consumer, in rows, with any
+    batch size.
+    """
+
+    def __init__(self, windows: Windows, batch_rows: int, seed: int,
+                 position: DataPosition = DataPosition(), device: torch.device | str = "cpu",
+                 shuffle: bool = True):
+        self.windows, self.batch_rows, self.seed = windows, batch_rows, seed
+        self.device = torch.device(device)
+        self.position = DataPosition(*position)
+        self.shuffle = shuffle
+        self._iter: Iterator[tuple[int, Window]] | None = None
+        self._rows: Tensor | None = None
+        self._slots: Tensor | None = None
+        self._perm: Tensor | None = None
+        self.exhausted = False
+
+    def _load_next(self) -> bool:
+        epoch, window, offset = self.position
+        resume_window = None
+        if self._iter is None:
+            self._iter = self.windows.windows(epoch, window)
+            resume_window = window
+        empty_epochs = 0
+        while True:
+            had_rows = False
+            for w, win in self._iter:
+                n_lay = win.acts_ULD.shape[1]
+                n_rows = win.n_tokens * n_lay
                 had_rows = had_rows or n_rows > 0
                 start = offset if w == resume_window else 0
                 if n_rows == 0 or start >= n_rows:
                     continue
-                gen = torch.Generator().manual_seed(window_seed(self.seed, epoch, w))
-                self._perm = torch.randperm(n_rows, generator=gen)
-                self._rows, self._slots = win.x_ND, win.slot_N
+                if self.shuffle:
+                    gen = torch.Generator().manual_seed(window_seed(self.seed, epoch, w))
+                    self._perm = torch.randperm(n_rows, generator=gen)
+                else:
+                    self._perm = torch.arange(n_rows)
+                self._rows = win.acts_ULD[win.tok_N].reshape(n_rows, -1)
+                self._slots = torch.arange(n_lay).repeat(win.n_tokens)
                 self.position = DataPosition(epoch, w, start)
                 return True
             if not self.windows.repeatable:

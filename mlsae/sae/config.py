@@ -134,8 +134,18 @@ class TrainConfig:
     """Seed of the initialization and of the data order."""
     shuffle_tokens: int = 65_536
     """Tokens per shuffle window: whole sequences (a fresh random order each epoch) are read
-    into a window and its (token, layer) examples are shuffled together. Memory: about
-    shuffle_tokens * len(layers) * d_model * 2 bytes for a float16 cache."""
+    into a window and its (token, layer) examples are shuffled together. Memory: one window,
+    about shuffle_tokens * (layers read) * d_model * 2 bytes for float16 activations (shared
+    by all SAEs of a train_many pass)."""
+    shuffle: bool = True
+    """Shuffle the training data: the cache's sequence order (a fresh permutation each epoch)
+    and the rows within each window. False reads sequences in their stored/streamed order and
+    the rows of each window in order (token-major, then layer), so a stream and a cache of the
+    same data give the same batches."""
+    data_seed: int | None = None
+    """Seed of the cache's sequence order (None: `seed`). SAEs trained in one pass over a cache
+    (train_many) share the order, so they must agree on it; the rows within each window are
+    always permuted with `seed`."""
     checkpoint_every: int = 200
     """Write the exact-resume checkpoint every this many steps (and at the end); 0 = only at
     the end."""
@@ -190,8 +200,21 @@ class TrainConfig:
     TRAJECTORY = ("sae", "batch_tokens", "lr", "betas", "adam_eps", "seed", "shuffle_tokens",
                   "geometric_median_iters", "autocast")
 
+    # Also trajectory fields, but recorded only when not at their default (so checkpoints
+    # written before they existed still resume).
+    OPTIONAL_TRAJECTORY = {"shuffle": True, "data_seed": None}
+
     def trajectory(self) -> dict:
-        return {name: dataclasses.asdict(self)[name] for name in self.TRAJECTORY}
+        raw = dataclasses.asdict(self)
+        out = {name: raw[name] for name in self.TRAJECTORY}
+        out.update({name: raw[name] for name, default in self.OPTIONAL_TRAJECTORY.items()
+                    if raw[name] != default})
+        return out
+
+    @property
+    def order_seed(self) -> int:
+        """Seed of the cache's sequence order."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
