@@ -131,7 +131,7 @@ def _batches(cfg: ExtractConfig, loaded: LoadedModel, layers: list[int], start: 
     (the first batch begins at the multiple at or below it): every path (cache, stream,
     restart) runs the same batches and so gets the same numbers. Skipped sequences are
     tokenized, never run. On CUDA the result goes to pinned host memory asynchronously; it
-    is read one batch later, so the copy overlaps the next forward pass.
+    is read one batch later, so the copy overlaps the next forward pass (on CPU, at once).
     """
     data = cfg.data_config()
     store = {"float16": torch.float16, "float32": torch.float32}[cfg.dtype]
@@ -169,6 +169,9 @@ def _batches(cfg: ExtractConfig, loaded: LoadedModel, layers: list[int], start: 
         if stream is not None:
             stream.forward_batches += 1
             stream.sequences_run += len(chunks)
+        if not cuda:  # nothing to overlap: hand it over now
+            yield finish((tokens_bT, host, finite, event))
+            continue
         if pending is not None:
             yield finish(pending)
         pending = (tokens_bT, host, finite, event)
