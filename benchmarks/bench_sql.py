@@ -196,13 +196,13 @@ def compare_layouts(root: Path) -> None:
     from mlsae.warehouse import quantize_values
 
     files = sorted((root / "latents").glob("*/*.parquet"))
-    data = pq.ParquetDataset(files).read().drop_columns(["sae_id"])
+    data = pq.ParquetDataset(files, partitioning=None).read().drop_columns(["sae_id"])
     n = data.num_rows
     # the stored values are already rounded: draw fresh exact ones from the same distribution
     exact = np.random.default_rng(1).lognormal(-0.5, 1.0, n).astype(np.float32)
     data = data.set_column(4, "value", pa.array(exact))
     columns = ["seq_id", "pos", "layer", "latent", "value"]
-    print(f"  layouts ({n:,} rows; sae_id is a one-entry dictionary, ~0 bytes, left out):")
+    print(f"  layouts ({n:,} rows; sae_id is one dictionary-encoded value, ~0 bytes, left out):")
     for name, (types, codec, dictionary, encoding, bits) in LAYOUTS.items():
         arrays = [data[c].combine_chunks() for c in columns]
         arrays[4] = pa.array(quantize_values(arrays[4].to_numpy(), bits))

@@ -44,15 +44,28 @@ def _jsonable(value: object) -> object:
         return str(value)
 
 
+# Control characters (C0, DEL, C1) and the Unicode line/paragraph separators would break
+# a table row (a "\n" token printed a blank row): shown escaped, as Python writes them.
+_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r",
+                 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters escaped (\\n, \\t, \\r, \\xNN) for one-line display."""
+    return text.translate(_ESCAPES)
+
+
 def _text(value: object) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value)
+    return escape_control(str(value))
 
 
 def _print_table(columns: list[str], rows: list[tuple], total: int) -> None:
+    columns = [escape_control(c) for c in columns]
     cells = [[_text(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     click.echo(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
@@ -68,7 +81,8 @@ def _print_table(columns: list[str], rows: list[tuple], total: int) -> None:
 @click.option("--out", "warehouse", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Warehouse directory (default: $MLSAE_HOME, else ./mlsae-data).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help="table: aligned text; csv: a header line then rows; json: an array of "
+              help="table: aligned text, control characters in text shown escaped (\\n, "
+                   "\\t); csv: a header line then rows; json: an array of "
                    "objects; parquet: write --output FILE.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File to write with --format parquet.")
@@ -99,6 +113,10 @@ def command(query: str | None, warehouse: Path | None, fmt: str, output: Path | 
     from mlsae import warehouse as wh
 
     root = warehouse or default_warehouse()
+    try:
+        wh.require_warehouse(root)
+    except wh.WarehouseError as e:
+        raise click.ClickException(str(e)) from e
     if setup:
         click.echo(wh.setup_sql(root), nl=False)
         return

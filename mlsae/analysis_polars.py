@@ -23,11 +23,13 @@ def scan_table(warehouse_dir: str | os.PathLike, table: str) -> pl.LazyFrame:
     """A LazyFrame over one warehouse table (files checked like connect() does);
     sae_id is a plain String column."""
     files = wh.table_files(warehouse_dir, table)
+    schema = pl.from_arrow(wh.TABLE_SPECS[table].schema.empty_table()).schema
     if not files:
-        frame = pl.from_arrow(wh.TABLE_SPECS[table].schema.empty_table()).lazy()
-    else:
-        frame = pl.scan_parquet([str(f) for f in files], hive_partitioning=False)
-    return frame.with_columns(pl.col("sae_id").cast(pl.String))
+        return pl.LazyFrame(schema=schema)
+    # The table's own schema: files written before sae_id became a plain string hold it
+    # as a dictionary (Categorical), and a warehouse may mix both.
+    return pl.scan_parquet([str(f) for f in files], hive_partitioning=False, schema=schema,
+                           cast_options=pl.ScanCastOptions(categorical_to_string="allow"))
 
 
 def sae_layers(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:

@@ -13,8 +13,9 @@ part whose sums are missing (a kill between files, or a warehouse logged before 
 sums existed) gets them on the next run without running the model again
 (complete_part_sums does only that). A killed run redoes only the unfinished part
 (no duplicate or missing rows); a rerun of a finished run touches nothing. The
-settings are pinned in latents/sae_id=<id>/_log.json so a rerun with different
-data or a different SAE fails instead of mixing rows.
+settings are pinned in logging/sae_id=<id>/_log.json (beside the lock file, outside
+the table directories, which hold only Parquet) so a rerun with different data or a
+different SAE fails instead of mixing rows.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ from mlsae.progress import Progress
 
 MANIFEST_NAME = "_log.json"
 LOCK_NAME = ".lock"
+LOGGING_DIR = "logging"
+
+
+def logging_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
+    """<warehouse>/logging/sae_id=<id>: the logging run's manifest (_log.json) and lock.
+    (Warehouses logged before kept them in latents/sae_id=<id>/; upgrade_warehouse and
+    the next logging run of that SAE move them here.)"""
+    return Path(warehouse_dir) / LOGGING_DIR / f"sae_id={wh.check_sae_id(sae_id)}"
 
 # encode(tokens_BT, mask_BT) -> (top_acts_NLK, top_idx_NLK) for the N unmasked tokens
 # of the batch in row-major (b, t) order; L = the SAE's layers; acts post-ReLU.
@@ -259,14 +268,15 @@ def write_latents(
 
     latents_dir = wh.partition_dir(warehouse_dir, "latents", sae_id)
     tokens_dir = wh.partition_dir(warehouse_dir, "tokens", sae_id)
-    manifest_path = latents_dir / MANIFEST_NAME
+    manifest_path = logging_dir(warehouse_dir, sae_id) / MANIFEST_NAME
     settings = {
         "sae_id": sae_id, "fingerprint": dict(fingerprint), "seq_len": int(seq_len),
         "sequences_per_part": int(per_part), "layers": list(record.layers),
         "value_mantissa_bits": config.value_mantissa_bits,
         "act_threshold": config.act_threshold,
     }
-    with _exclusive(latents_dir):
+    with _exclusive(logging_dir(warehouse_dir, sae_id)):
+        _upgrade_sae_unlocked(warehouse_dir, sae_id)
         manifest = _read_manifest(manifest_path)
         if manifest is not None:
             pinned = {k: manifest.get(k) for k in settings}
@@ -274,7 +284,9 @@ def write_latents(
                 raise wh.WarehouseError(
                     f"sae_id {sae_id!r} was already logged with other settings "
                     f"({manifest_path}): {_diff(pinned, settings)}. Use a new sae_id, or delete "
-                    f"{latents_dir} and {tokens_dir} to log it again")
+                    f"{manifest_path.parent} and the sae_id={sae_id} directories of latents/, "
+                    "tokens/, latent_layer_sums/, latent_var_sums/ and seq_sums/ to log it "
+                    "again")
             if manifest.get("complete"):
                 t_sums = time.perf_counter()
                 if _complete_sums_unlocked(warehouse_dir, sae_id):
@@ -348,11 +360,53 @@ def complete_part_sums(warehouse_dir: str | os.PathLike, sae_id: str | None = No
     ids = [sae_id] if sae_id else list(wh.iter_partitions(warehouse_dir, "latents"))
     completed = 0
     for one in ids:
-        with _exclusive(wh.partition_dir(warehouse_dir, "latents", one)):
+        with _exclusive(logging_dir(warehouse_dir, one)):
+            _upgrade_sae_unlocked(warehouse_dir, one)
             completed += _complete_sums_unlocked(warehouse_dir, one)
     if completed:
         wh.write_setup_script(warehouse_dir)
     return completed
+
+
+def upgrade_warehouse(warehouse_dir: str | os.PathLike) -> dict[str, int]:
+    """Bring a warehouse written by an older mlsae to the current layout, in place: move
+    each SAE's logging manifest and lock out of latents/ (to logging/), delete writers'
+    leftover temp files from the table directories, and rewrite files whose sae_id is an
+    Arrow dictionary (Polars: Categorical) with a plain string sae_id. mlsae itself reads
+    the old layout as it is (connect, `mlsae sql`, analysis_polars); this is for plain
+    Polars / duckdb readers. Idempotent; takes each SAE's logging lock. Returns counts."""
+    ids = sorted({one for table in wh.TABLES for one in wh.iter_partitions(warehouse_dir, table)})
+    counts = {"moved": 0, "rewritten": 0}
+    for one in ids:
+        with _exclusive(logging_dir(warehouse_dir, one)):
+            moved, rewritten = _upgrade_sae_unlocked(warehouse_dir, one)
+        counts["moved"] += moved
+        counts["rewritten"] += rewritten
+    if counts["rewritten"]:
+        wh.write_setup_script(warehouse_dir)
+    return counts
+
+
+def _upgrade_sae_unlocked(warehouse_dir: str | os.PathLike, sae_id: str) -> tuple[int, int]:
+    """The old layout of one SAE -> the current one (see upgrade_warehouse); returns
+    (non-Parquet files moved or deleted from table directories, files rewritten)."""
+    moved = 0
+    old_dir = wh.partition_dir(warehouse_dir, "latents", sae_id)
+    old_manifest = old_dir / MANIFEST_NAME
+    if old_manifest.exists():
+        new_manifest = logging_dir(warehouse_dir, sae_id) / MANIFEST_NAME
+        if new_manifest.exists():
+            old_manifest.unlink()
+        else:
+            os.replace(old_manifest, new_manifest)
+        moved += 1
+    old_lock = old_dir / LOCK_NAME
+    if old_lock.exists():
+        old_lock.unlink(missing_ok=True)
+        moved += 1
+    for table in ("latents", "tokens", *wh.PART_SUM_TABLES):  # the tables the logger writes
+        moved += wh.remove_stale_temp_files(wh.partition_dir(warehouse_dir, table, sae_id))
+    return moved, wh.rewrite_dictionary_sae_ids(warehouse_dir, sae_id)
 
 
 def _complete_sums_unlocked(warehouse_dir: str | os.PathLike, sae_id: str) -> int:

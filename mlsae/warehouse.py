@@ -39,7 +39,12 @@ from mlsae.paths import SQL_DIR
 # --------------------------------------------------------------------------- tables
 
 SAE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SAE_ID = pa.dictionary(pa.int32(), pa.string())
+# sae_id is a plain string column in every table (so Polars reads String everywhere and
+# joins need no cast), stored dictionary/RLE-encoded in Parquet: a file's one id repeated
+# costs ~0.005 bytes per row (docs/warehouse.md). Files written before this change hold it
+# as an Arrow dictionary (Polars: Categorical); every reader here accepts both, and
+# upgrade_warehouse() rewrites them.
+_SAE_ID = pa.string()
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,53 @@ def table_glob(warehouse_dir: str | os.PathLike, table: str) -> str:
     return str(table_dir(warehouse_dir, table) / "*" / "*.parquet")
 
 
+# --------------------------------------------------------------------------- is it a warehouse?
+
+WAREHOUSE_MARKER = ".mlsae-warehouse"
+# What `mlsae run --out DIR` creates in DIR, first to last: the marker (init_warehouse),
+# the task result cache, the activation cache, the trained autoencoders, the tables and
+# setup.sql. A directory holding any of them is a warehouse (perhaps one whose first run
+# was stopped before it logged anything: `mlsae sql` then sees empty tables).
+_WAREHOUSE_ENTRIES = (WAREHOUSE_MARKER, "setup.sql", "logging", ".prefect/results",
+                      "activations", "autoencoders")
+
+
+def init_warehouse(warehouse_dir: str | os.PathLike) -> Path:
+    """Create the warehouse directory (if needed) with its marker file, so that `mlsae sql`
+    accepts it before any table is written. Returns the directory."""
+    root = Path(warehouse_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / WAREHOUSE_MARKER
+    if not marker.exists():
+        marker.write_text("mlsae warehouse: tables, views and caches written by `mlsae run` "
+                          "(see docs/warehouse.md)\n")
+    return root
+
+
+def is_warehouse(warehouse_dir: str | os.PathLike) -> bool:
+    """True if the directory was made by mlsae: its marker, setup.sql, a table directory
+    or one of `mlsae run`'s caches is there."""
+    root = Path(warehouse_dir)
+    return root.is_dir() and any((root / name).exists()
+                                 for name in (*_WAREHOUSE_ENTRIES, *TABLES))
+
+
+def require_warehouse(warehouse_dir: str | os.PathLike) -> Path:
+    """The resolved directory; WarehouseError (saying how to make or find one) unless it is
+    an mlsae warehouse: a plain directory would otherwise answer every query with 0 rows."""
+    root = Path(warehouse_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
+                             "MLSAE_HOME) to a directory written by `mlsae run`, or make one "
+                             f"with `mlsae run --out {warehouse_dir}`")
+    if not is_warehouse(root):
+        raise WarehouseError(
+            f"{root} is not an mlsae warehouse (no saes/ or latents/ table, no setup.sql, no "
+            f"{WAREHOUSE_MARKER}): make one with `mlsae run --out {warehouse_dir}`, or point "
+            "--out (or $MLSAE_HOME) at a directory that `mlsae run` wrote")
+    return root
+
+
 # --------------------------------------------------------------------------- writing
 
 def quantize_values(values: np.ndarray, mantissa_bits: int = 10,
@@ -231,19 +283,38 @@ def quantize_values(values: np.ndarray, mantissa_bits: int = 10,
     return rounded.astype(np.float32, copy=False)
 
 
+TEMP_DIR = ".tmp"
+
+
+def _temp_dir(directory: Path) -> Path:
+    """Where files bound for `directory` are written before their rename: for a table's
+    <warehouse>/<table>/sae_id=<id>/ that is <warehouse>/.tmp/<table>/sae_id=<id>/ (same
+    file system, so os.replace stays atomic), which keeps table directories pure Parquet
+    even while a file is being written (`pl.scan_parquet("<warehouse>/latents/")` refuses
+    a directory holding other files); anywhere else, `directory` itself."""
+    if directory.name.startswith("sae_id=") and directory.parent.name in TABLE_SPECS:
+        return directory.parent.parent / TEMP_DIR / directory.parent.name / directory.name
+    return directory
+
+
 def _temp_path(path: Path) -> Path:
     # Dot-prefixed and not ending in .parquet: no glob of the warehouse ever sees it.
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    directory = _temp_dir(path.parent)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def remove_stale_temp_files(directory: Path) -> int:
-    """Delete leftovers of writers that were killed mid-file. Returns how many."""
+    """Delete leftovers of writers of files in `directory` that were killed mid-file (in
+    its temp directory, and in `directory` itself where older versions wrote them).
+    Returns how many."""
     removed = 0
-    if directory.is_dir():
-        for stale in directory.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-                removed += 1
+    for place in {directory, _temp_dir(directory)}:
+        if place.is_dir():
+            for stale in place.glob(".*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+                    removed += 1
     return removed
 
 
@@ -311,9 +382,9 @@ def write_table_atomic(table: str, data: pa.Table, path: str | os.PathLike,
     return writer.path
 
 
-def sae_id_column(sae_id: str, n: int) -> pa.DictionaryArray:
-    """A dictionary column holding one sae_id n times (stored as a zero-width RLE run)."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([sae_id]))
+def sae_id_column(sae_id: str, n: int) -> pa.Array:
+    """A string column holding one sae_id n times (stored as a dictionary + one RLE run)."""
+    return pa.repeat(pa.scalar(sae_id, pa.string()), n)
 
 
 def latent_rows(sae_id: str, seq_id, pos, layer, latent, value) -> pa.Table:
@@ -437,6 +508,37 @@ def verify_warehouse(warehouse_dir: str | os.PathLike, deep: bool = False) -> di
             rows += pq.read_metadata(path).num_rows
         counts[table] = rows
     return counts
+
+
+def dictionary_sae_id_files(warehouse_dir: str | os.PathLike,
+                            sae_id: str | None = None) -> list[tuple[str, Path]]:
+    """(table, file) of the files written before sae_id became a plain string column (it is
+    an Arrow dictionary there, which Polars reads as Categorical). All SAEs, or one."""
+    found = []
+    for table in TABLES:
+        for one in [sae_id] if sae_id else list(iter_partitions(warehouse_dir, table)):
+            directory = partition_dir(warehouse_dir, table, one)
+            for path in sorted(directory.glob("*.parquet")) if directory.is_dir() else ():
+                if pa.types.is_dictionary(pq.read_schema(path).field("sae_id").type):
+                    found.append((table, path))
+    return found
+
+
+def rewrite_dictionary_sae_ids(warehouse_dir: str | os.PathLike,
+                               sae_id: str | None = None) -> int:
+    """Rewrite (atomically, row group by row group, same encodings) the files that
+    dictionary_sae_id_files lists, with sae_id as a plain string. Returns how many. Do
+    not run it while that SAE is being logged: mlsae.latents.upgrade_warehouse takes the
+    logging lock and also moves the logging files out of the table directories."""
+    rewritten = 0
+    for table, path in dictionary_sae_id_files(warehouse_dir, sae_id):
+        check_file(path, table)
+        source = pq.ParquetFile(path)
+        with AtomicParquetWriter(path, table) as writer:
+            for i in range(source.num_row_groups):
+                writer.write(source.read_row_group(i))
+        rewritten += 1
+    return rewritten
 
 
 # --------------------------------------------------------------------------- DuckDB

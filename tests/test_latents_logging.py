@@ -11,11 +11,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
 from mlsae import warehouse as wh
-from mlsae.latents import LatentLogConfig, SaeRecord, complete_part_sums, write_latents
+from mlsae.latents import (
+    LatentLogConfig,
+    SaeRecord,
+    complete_part_sums,
+    logging_dir,
+    write_latents,
+)
 from tests.test_sql_views import random_activations, write_dense
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +32,7 @@ CONFIG = LatentLogConfig(sequences_per_part=2, batch_size=1)
 
 def table(root: Path, name: str, sae_id: str):
     files = sorted(wh.partition_dir(root, name, sae_id).glob("*.parquet"))
-    return pq.ParquetDataset(files).read().to_pandas() if files else None
+    return pq.ParquetDataset(files, partitioning=None).read().to_pandas() if files else None
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +100,14 @@ def test_resume_after_kill(tmp_path, clean):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
     latents_dir = wh.partition_dir(tmp_path, "latents", "s")
-    assert list(latents_dir.glob(".*.tmp"))  # the killed writer's temp file is left behind...
-    wh.connect(tmp_path).close()  # ...and invisible to readers
+    temp_dir = tmp_path / wh.TEMP_DIR / "latents" / "sae_id=s"
+    assert list(temp_dir.glob(".*.tmp"))  # the killed writer's temp file is left behind...
+    wh.connect(tmp_path).close()  # ...and invisible to readers, outside the table directory
+    assert all(p.suffix == ".parquet" for p in latents_dir.iterdir())
+    pl.scan_parquet(latents_dir.parent).collect()
     result = write_dense(tmp_path, "s", [0, 1, 2], a, mask, CONFIG)
     assert result.parts_written == 2
-    assert not list(latents_dir.glob(".*.tmp"))
+    assert not list(temp_dir.glob(".*.tmp"))
     assert_same_tables(tmp_path, clean_root)
 
 
@@ -265,7 +275,7 @@ def test_config_validation():
 def test_concurrent_logging_of_one_sae_is_refused(tmp_path):
     import fcntl
 
-    directory = wh.partition_dir(tmp_path, "latents", "s")
+    directory = logging_dir(tmp_path, "s")
     directory.mkdir(parents=True)
     with open(directory / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
