@@ -182,6 +182,12 @@ class TrainConfig:
         if isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0:
             raise ValueError("TrainConfig.checkpoint_every must be >= 0 steps (0 = only at the "
                              f"end), got {self.checkpoint_every!r}")
+        if not isinstance(self.shuffle, bool):
+            raise ValueError(f"TrainConfig.shuffle must be True or False, got {self.shuffle!r}")
+        if self.data_seed is not None and (isinstance(self.data_seed, bool)
+                                           or not isinstance(self.data_seed, int)):
+            raise ValueError("TrainConfig.data_seed must be an integer or None (None: seed), "
+                             f"got {self.data_seed!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.autocast must be None or one of {AUTOCAST_DTYPES}, "
                              f"got {self.autocast!r}")
