@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from flows.cmd_run import parse_layers
 from mlsae.paths import default_warehouse
+from mlsae.plan import parse_layers
 
 
 @click.command("extract")

@@ -130,8 +130,8 @@ def models_with_results(out: Path) -> set[str]:
 
 def models_with_reports(out: Path, names: list[str]) -> set[str]:
     """Those of `names` whose generated report exists in the warehouse."""
+    from mlsae.plan import model_slug
     from tasks.report import report_dir_for
-    from tasks.validate import model_slug
 
     return {n for n in names if (report_dir_for(out, model_slug(n)) / "report.md").exists()}
 
@@ -166,7 +166,8 @@ def in_flight_models(name: str = PIPELINE_DEPLOYMENT) -> set[str]:
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]))))
-    return {normalise_model_name(run.parameters.get("model")) for run in runs}
+    return {normalise_model_name((run.parameters.get("target") or {}).get("model")
+                                 or run.parameters.get("model")) for run in runs}
 
 
 def wait_for_runs(runs: list[tuple[str, Any]], poll_s: float = 5.0) -> dict[str, Any]:
@@ -187,20 +188,16 @@ def wait_for_runs(runs: list[tuple[str, Any]], poll_s: float = 5.0) -> dict[str,
 
 
 def pipeline_parameters(entry: RegistryEntry, out: Path, kind: str = "pipeline") -> dict[str, Any]:
-    """The flow's parameters for one registry entry; entry parameters the flow of `kind`
-    does not take (e.g. `layers` for the report) are left out, with a warning."""
-    import inspect
+    """The flow's parameters for one registry entry: `parameters` may name the request's
+    parts (preset, target, grid, budget) or their fields directly (e.g. ks: [32])."""
+    from mlsae.plan import nest_fields
 
-    accepted = set(inspect.signature(KINDS[kind][1].fn).parameters)
     params = dict(entry.get("parameters") or {})
     params.pop("out", None)
-    dropped = sorted(set(params) - accepted)
-    if dropped:
-        run_logger().warning("%s: the %s flow takes no %s; ignored", entry["model"], kind,
-                             ", ".join(dropped))
-    params = {k: v for k, v in params.items() if k in accepted}
-    params.update(model=entry["model"], data=entry.get("data", "embedded"), out=str(out))
-    return params
+    nested = nest_fields(params)
+    target = nested.setdefault("target", {})
+    target.update(model=entry["model"], data=entry.get("data", target.get("data", "embedded")))
+    return {**nested, "out": str(out)}
 
 
 @flow(name="mlsae-rerun", validate_parameters=True)

@@ -1,7 +1,9 @@
-"""A real `prefect server start` for integration tests, isolated and disposable.
+"""A real `prefect server start`, isolated and disposable: the CLI's temporary server
+and the integration tests' server.
 
 `PrefectServer` picks a free loopback port, gives the server (and every client
-command started through it) its own PREFECT_HOME in a temporary directory, sets
+command started through it) its own PREFECT_HOME in a temporary directory (or
+the user's, with `home=None`, as the CLI's temporary server does), sets
 the settings ENV.md says Prefect 3.8 needs on this kind of machine (telemetry
 off, long start-up timeout), waits for /api/health, and on `stop()` kills the
 whole process group of the server and of every helper process it started
@@ -70,10 +72,11 @@ class PrefectServer:
     """One `prefect server start` process with its own PREFECT_HOME and port."""
 
     def __init__(self, workdir: Path, *, ui: bool = False, extra_env: Mapping[str, str] | None = None,
-                 startup_timeout_s: float = 120.0):
+                 startup_timeout_s: float = 120.0, own_home: bool = True):
         self.workdir = Path(workdir)
-        self.home = self.workdir / "prefect-home"
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home = self.workdir / "prefect-home" if own_home else None
+        if self.home is not None:
+            self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.url}/api"
@@ -85,14 +88,18 @@ class PrefectServer:
         self._children: list[tuple[subprocess.Popen, object]] = []
 
     def _make_env(self, extra: Mapping[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        keep_home = self.home is None
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PREFECT_") or (keep_home and k == "PREFECT_HOME")}
         env.update(QUIET_PREFECT_ENV)
+        if self.home is not None:
+            env["PREFECT_HOME"] = str(self.home)
         env.update({
-            "PREFECT_HOME": str(self.home),
             "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
             "PREFECT_SERVER_API_PORT": str(self.port),
             "PREFECT_SERVER_UI_ENABLED": "true" if self.ui else "false",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             # Scheduled runs of a cron deployment would start on their own and
             # compete with the runs the test triggers.
             "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",

@@ -15,24 +15,16 @@ default), so concurrent configs queue for a GPU instead of sharing its memory.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, TypedDict
 
 from prefect import flow
 
-from flows.pipeline import (
-    DEFAULT_EVAL_TOKENS,
-    DEFAULT_LR,
-    DEFAULT_SEQ_LEN,
-    DEFAULT_TRAIN_TOKENS,
-    PipelineResult,
-    bind_tasks,
-    resolve_out,
-    result_of,
-    submit_model,
-)
+from flows.pipeline import PipelineResult, bind_tasks, resolve_out, result_of, submit_model
+from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, make_plan
 from tasks.common import ensure_gpu_limit, run_logger
-from tasks.validate import InvalidParameters, PipelinePlan, check_pipeline_parameters
+from tasks.validate import InvalidParameters
 
 TASK_RUNNERS = ("thread", "dask", "ray")
 
@@ -82,21 +74,33 @@ def run_grid(plans: list[dict[str, Any]], out: str, refresh: bool = False) -> Sw
     return SweepResult(out=out, runs=runs, figures=sweep_figures["figures"])
 
 
+def plan_sweep(models: list[str], preset: str = "sweep", target: Target | dict | None = None,
+               grid: Grid | dict | None = None, budget: Budget | dict | None = None,
+               out: str | None = None) -> list[Plan]:
+    """One plan per model (the same grid and budget); every problem of every model listed."""
+    plans: list[Plan] = []
+    problems: list[str] = []
+    if not models:
+        raise InvalidParameters("give at least one model (--model)")
+    for model in models:
+        try:
+            request = RunRequest(preset=preset, target=target, grid=grid, budget=budget)
+            request.target = dataclasses.replace(request.target, model=model)
+            plans.append(make_plan(request, out))
+        except InvalidParameters as err:
+            problems.append(f"{model}: {err}")
+    if problems:
+        raise InvalidParameters("invalid sweep parameters:\n" + "\n".join(problems))
+    return plans
+
+
 @flow(name="mlsae-sweep", validate_parameters=True)
 def sweep(
     models: list[str] = ["embedded"],  # noqa: B006 - Prefect parameters are never mutated
-    data: str = "embedded",
-    expansion_factors: list[int] = [2, 4],  # noqa: B006
-    ks: list[int] = [8, 16],  # noqa: B006
-    lenses: list[bool] = [False],  # noqa: B006
-    layers: list[int] | None = None,
-    baselines: bool = False,
-    train_tokens: int = DEFAULT_TRAIN_TOKENS,
-    eval_tokens: int = DEFAULT_EVAL_TOKENS,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    seed: int = 0,
-    lr: float = DEFAULT_LR,
-    device: str = "auto",
+    preset: str = "sweep",
+    target: Target | None = None,
+    grid: Grid | None = None,
+    budget: Budget | None = None,
     task_runner: str = "thread",
     max_workers: int = 2,
     runner_address: str | None = None,
@@ -108,10 +112,8 @@ def sweep(
 
     Args:
         models: models to sweep ("embedded", local directories, hub ids).
-        data: the text, as for the pipeline.
-        expansion_factors, ks, lenses: the grid (one MLSAE per combination and model).
-        layers: block indices (default all; must exist in every model).
-        baselines: also train single-layer SAEs per layer for every grid point.
+        preset, target, grid, budget: the request, as for the pipeline (target.model is
+            replaced by each model in turn); preset "sweep" is R in {2,4} x k in {8,16}.
         task_runner: "thread" (default), "dask" or "ray".
         max_workers: concurrent tasks (threads, or Dask workers).
         runner_address: address of an existing Dask scheduler / Ray cluster.
@@ -120,24 +122,20 @@ def sweep(
         refresh: ignore cached task results (finished warehouse outputs are still reused).
     """
     out_dir = resolve_out(out)
-    plans: list[PipelinePlan] = []
     problems: list[str] = []
-    for model in models:
-        try:
-            plans.append(check_pipeline_parameters(
-                model=model, data=data, expansion_factors=list(expansion_factors), ks=list(ks),
-                layers=layers, lens=list(lenses), baselines=baselines, train_tokens=train_tokens,
-                eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, lr=lr, device=device))
-        except InvalidParameters as err:
-            problems.append(f"{model}: {err}")
+    plans: list[Plan] = []
+    try:
+        plans = plan_sweep(models, preset, target, grid, budget, str(out_dir))
+    except InvalidParameters as err:
+        problems.append(str(err))
     if max_workers < 1:
-        problems.append(f"max_workers must be >= 1, got {max_workers}")
+        problems.append(f"--max-workers must be >= 1, got {max_workers}")
     try:
         runner = make_task_runner(task_runner, max(1, max_workers), runner_address)
     except InvalidParameters as err:
         problems.append(str(err))
     if problems:
-        raise InvalidParameters("invalid sweep parameters:\n" + "\n".join(problems))
+        raise InvalidParameters("\n".join(problems))
     out_dir.mkdir(parents=True, exist_ok=True)
     slots = ensure_gpu_limit(gpu_slots)
     n_saes = sum(len(p["specs"]) for p in plans)
@@ -146,4 +144,3 @@ def sweep(
                       f", {slots} GPU slot(s)" if slots else "")
     return run_grid.with_options(task_runner=runner)(plans=plans, out=str(out_dir),
                                                      refresh=refresh)
-

@@ -134,10 +134,12 @@ def layer_distribution(latent: Sequence[int], layer: Sequence[int], mass: Sequen
 
 
 def residual_sample(cache, max_tokens: int = 4096) -> np.ndarray:
-    """Up to `max_tokens` unmasked token positions of an ActivationCache as float32 [N, L, D]
-    (the first shards: extraction order is already a shuffled mix of documents)."""
+    """Up to `max_tokens` unmasked token positions of an ActivationCache (or an iterable of
+    its ShardArrays, e.g. a stream) as float32 [N, L, D] (the first shards: extraction
+    order is already a shuffled mix of documents)."""
     parts, n = [], 0
-    for shard in cache.iter_shards():
+    shards = cache.iter_shards() if hasattr(cache, "iter_shards") else cache
+    for shard in shards:
         acts_NLD = np.asarray(shard.acts_BTLD[np.asarray(shard.mask_BT)], dtype=np.float32)
         parts.append(acts_NLD[: max_tokens - n])
         n += len(parts[-1])

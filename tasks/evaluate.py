@@ -11,7 +11,7 @@ from prefect import task
 from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, progress_log, run_logger
 from tasks.latents import LatentsManifest, eval_data
 from tasks.lens import LensManifest, load_lens
-from tasks.train import TrainManifest
+from tasks.train import TrainManifest, pick_trained
 
 METRICS = ("fvu", "mse", "l0", "dead_fraction", "delta_ce", "kl")
 
@@ -46,20 +46,22 @@ def _mean(rows: list[dict[str, Any]], name: str) -> float | None:
 
 
 @task(name="evaluate-autoencoder", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def evaluate_autoencoder(trained: TrainManifest, logged: LatentsManifest | None,
-                         lens: LensManifest | None, model: str, data: str, eval_tokens: int,
-                         seq_len: int, device: str, out: str) -> EvalManifest:
+def evaluate_autoencoder(trained: TrainManifest | list[TrainManifest], sae_id: str,
+                         logged: LatentsManifest | None, lens: LensManifest | None,
+                         settings: dict, out: str) -> EvalManifest:
     """FVU, MSE, L0, dead fraction, delta CE and KL per layer; writes `layer_metrics`
     (then the `saes` row, if logging latents did not already)."""
     from mlsae.latents import sae_record_from_config, write_layer_metrics, write_sae_record
     from mlsae.models import load_model
     from mlsae.sae import MLSAE, evaluate_sae
 
+    trained = pick_trained(trained, sae_id)
+    model, device = settings["model"]["name"], settings["device"]
     loaded = load_model(model, device=device)
     sae = MLSAE.from_pretrained(trained["sae_dir"]).to(next(loaded.model.parameters()).device)
     basis = load_lens(lens, loaded, out)
     with gpu_slot(device):
-        metrics = evaluate_sae(sae, loaded, eval_data(data, eval_tokens, seq_len), basis=basis,
+        metrics = evaluate_sae(sae, loaded, eval_data(settings), basis=basis,
                                progress_log=progress_log())
     rows = [_as_dict(m) for m in metrics]
     sae_id = trained["sae_id"]

@@ -22,17 +22,6 @@ class CacheManifest(TypedDict):
     n_shards: int
 
 
-def extract_config(model: str, data: str, layers: list[int], train_tokens: int, seq_len: int,
-                   device: str):
-    """The ExtractConfig of the training activations (sequences = ceil(tokens / seq_len))."""
-    from mlsae.data import DataConfig
-    from mlsae.extract import ExtractConfig
-
-    return ExtractConfig(model=model, data=DataConfig(source=data, split="train", seq_len=seq_len),
-                         layers=layers, device=device,
-                         max_sequences=max(1, -(-train_tokens // seq_len)))
-
-
 def cache_dir_for(out: str, cfg) -> Path:
     from mlsae.extract import cache_key
 
@@ -40,12 +29,15 @@ def cache_dir_for(out: str, cfg) -> Path:
 
 
 @task(name="extract-activations", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def extract_activations(model: str, data: str, layers: list[int], train_tokens: int,
-                        seq_len: int, device: str, out: str) -> CacheManifest:
+def extract_activations(settings: dict, out: str) -> CacheManifest:
     """Extract once per (model, data, layers, budget); a partial cache is resumed."""
     from mlsae.extract import extract_to_cache
+    from mlsae.plan import extract_config
 
-    cfg = extract_config(model, data, layers, train_tokens, seq_len, device)
+    cfg = extract_config(settings)
+    model, data, layers, seq_len = (settings["model"]["name"], settings["data"],
+                                    settings["layers"], settings["seq_len"])
+    device = settings["device"]
     target = cache_dir_for(out, cfg)
     logger = run_logger()
     logger.info("extracting block outputs %s of %s on %s (%d sequences x %d tokens) into %s",

@@ -13,13 +13,13 @@ from typing import Any, TypedDict
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from mlsae.plan import Plan
 from tasks.analyse import AnalysisManifest, artifact_key, query_rows
 from tasks.common import CACHE_POLICY, gpu_slot, run_logger
 from tasks.evaluate import EvalManifest
 from tasks.extract import CacheManifest
 from tasks.lens import LensManifest, load_lens
 from tasks.train import TrainManifest
-from tasks.validate import PipelinePlan
 
 
 class FiguresManifest(TypedDict):
@@ -106,8 +106,9 @@ def _mmcs(sae, baseline_dirs: dict[int, str], path: Path) -> Path:
 
 
 @task(name="draw-model-figures", cache_policy=CACHE_POLICY)
-def draw_model_figures(plan: PipelinePlan, cache: CacheManifest, lens: LensManifest | None,
-                       trained: list[TrainManifest], metrics: list[EvalManifest],
+def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManifest | None,
+                       trained: list[TrainManifest | list[TrainManifest]],
+                       metrics: list[EvalManifest],
                        analyses: list[AnalysisManifest], out: str) -> FiguresManifest:
     """Fig. 1 for the model; Fig. 2/3, expected-layer histogram, metrics vs baselines and
     MMCS for each MLSAE; layer std by config across the model's MLSAEs."""
@@ -118,11 +119,19 @@ def draw_model_figures(plan: PipelinePlan, cache: CacheManifest, lens: LensManif
 
     model = plan["model"]
     fig_dir = Path(out) / "figures" / model["slug"]
-    sample = figures.residual_sample(ActivationCache.open(cache["cache_dir"]))
+    if cache is not None:
+        sample = figures.residual_sample(ActivationCache.open(cache["cache_dir"]))
+    else:  # streaming run: no cache on disk, take the sample from the model directly
+        from mlsae.extract import stream_activations
+        from mlsae.plan import extract_config, run_settings
+
+        sample = figures.residual_sample(stream_activations(
+            extract_config(run_settings(plan), tokens=4096), log=lambda line: None))
     paths = [figures.plot_residual_similarity({model["slug"]: figures.residual_similarity(sample)},
                                               fig_dir / "fig1_residual_similarity.png")]
     specs = {spec["sae_id"]: spec for spec in plan["specs"]}
-    trained_by_id = {t["sae_id"]: t for t in trained}
+    flat = [m for t in trained for m in ([t] if isinstance(t, dict) else t)]
+    trained_by_id = {t["sae_id"]: t for t in flat}
     metrics_by_id = {m["sae_id"]: m for m in metrics}
     loaded = load_model(model["name"], device=plan["device"])
     for sae_id, spec in specs.items():
@@ -162,7 +171,7 @@ def draw_model_figures(plan: PipelinePlan, cache: CacheManifest, lens: LensManif
 
 
 @task(name="draw-sweep-figures", cache_policy=CACHE_POLICY)
-def draw_sweep_figures(analyses: list[AnalysisManifest], plans: list[PipelinePlan],
+def draw_sweep_figures(analyses: list[AnalysisManifest], plans: list[Plan],
                        out: str) -> FiguresManifest:
     """Layer std by config across every model and config of a sweep."""
     from mlsae import figures

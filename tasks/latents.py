@@ -8,7 +8,7 @@ from prefect import task
 
 from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, progress_log, run_logger
 from tasks.lens import LensManifest, load_lens
-from tasks.train import TrainManifest
+from tasks.train import TrainManifest, pick_trained
 
 
 class LatentsManifest(TypedDict):
@@ -21,27 +21,29 @@ class LatentsManifest(TypedDict):
     tokens_dir: str
 
 
-def eval_data(data: str, eval_tokens: int, seq_len: int):
+def eval_data(settings: dict):
     """The held-out text every metric and latent table uses: the test split, same budget."""
-    from mlsae.data import DataConfig
+    from mlsae.plan import data_config
 
-    return DataConfig(source=data, split="test", seq_len=seq_len,
-                      max_sequences=max(1, -(-eval_tokens // seq_len)))
+    return data_config(settings, "test",
+                       max_sequences=max(1, -(-settings["eval_tokens"] // settings["seq_len"])))
 
 
 @task(name="log-latent-tables", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def log_latent_tables(trained: TrainManifest, lens: LensManifest | None, model: str, data: str,
-                      eval_tokens: int, seq_len: int, device: str, out: str) -> LatentsManifest:
+def log_latent_tables(trained: TrainManifest | list[TrainManifest], sae_id: str,
+                      lens: LensManifest | None, settings: dict, out: str) -> LatentsManifest:
     """Write the `saes`, `tokens` and `latents` rows of one MLSAE (resumes a killed run)."""
     from mlsae import warehouse
     from mlsae.latents import LatentLogConfig, log_latents
     from mlsae.models import load_model
 
+    trained = pick_trained(trained, sae_id)
+    model, device = settings["model"]["name"], settings["device"]
     loaded = load_model(model, device=device)
     basis = load_lens(lens, loaded, out)
     with gpu_slot(device):
         result = log_latents(
-            trained["sae_dir"], loaded, eval_data(data, eval_tokens, seq_len), out,
+            trained["sae_dir"], loaded, eval_data(settings), out,
             trained["sae_id"], basis=basis, config=LatentLogConfig(device=device),
             train_tokens=trained["train_tokens"], progress_log=progress_log())
     run_logger().info("%s: %d latent rows over %d tokens (%.1f bytes/row), %d part(s) written; "

@@ -22,7 +22,7 @@ def lens_cache_dir(out: str) -> Path:
 
 
 @task(name="prepare-lens", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def prepare_lens(model: str, data: str, device: str, out: str) -> LensManifest:
+def prepare_lens(settings: dict, out: str) -> LensManifest:
     """Find or train the lens once per model; later tasks load it by name.
 
     A lens that has to be trained here learns on the pipeline's own text when that is a
@@ -33,6 +33,7 @@ def prepare_lens(model: str, data: str, device: str, out: str) -> LensManifest:
     from mlsae.lens_train import LensTrainConfig
     from mlsae.models import load_model
 
+    model, data, device = settings["model"]["name"], settings["data"], settings["device"]
     loaded = load_model(model, device=device)
     local = data not in ("", "embedded") and Path(data).exists()
     train = LensTrainConfig(data=data if local else None,

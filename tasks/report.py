@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from mlsae.plan import Plan
 from tasks.analyse import AnalysisManifest, artifact_key
 from tasks.common import run_logger
-from tasks.extract import cache_dir_for, extract_config
+from tasks.extract import cache_dir_for
 from tasks.figures import FiguresManifest
 from tasks.train import autoencoder_dir
-from tasks.validate import PipelinePlan
 
 
 class ReportManifest(TypedDict):
@@ -30,7 +30,7 @@ def report_dir_for(out: str | Path, model_slug: str) -> Path:
 
 
 @task(name="write-report", cache_policy=NO_CACHE)
-def write_report(plan: PipelinePlan, base: tuple[int, int], figures: FiguresManifest,
+def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
                  analyses: list[AnalysisManifest], command: str, started_at: float,
                  out: str, out_arg: str | None = None) -> ReportManifest:
     """Rewrite <out>/report/<model>/report.md from the warehouse (never cached: it is cheap
@@ -41,9 +41,10 @@ def write_report(plan: PipelinePlan, base: tuple[int, int], figures: FiguresMani
     model = plan["model"]
     base_id = next(s["sae_id"] for s in plan["specs"] if s["role"] == "mlsae" and not s["lens"]
                    and (s["expansion_factor"], s["k"]) == tuple(base))
-    cache = cache_dir_for(out, extract_config(model["name"], plan["data"], plan["layers"],
-                                              plan["train_tokens"], plan["seq_len"],
-                                              plan["device"]))
+    from mlsae.plan import extract_config, run_settings
+
+    cache = (cache_dir_for(out, extract_config(run_settings(plan)))
+             if plan["training_source"] == "cache" else None)
     inputs = ReportInputs(
         warehouse=Path(out), model=model["name"], data=plan["data"],
         n_layers=len(plan["layers"]), d_model=model["d_model"],
@@ -54,7 +55,7 @@ def write_report(plan: PipelinePlan, base: tuple[int, int], figures: FiguresMani
         seq_len=plan["seq_len"], lr=plan["lr"],
         batch_tokens=min(plan["batch_tokens"], plan["train_tokens"]), command=command,
         warehouse_arg=out_arg,
-        pipeline_figures=list(figures["figures"]), cache_dir=str(cache), started_at=started_at,
+        pipeline_figures=list(figures["figures"]), cache_dir=str(cache) if cache else None, started_at=started_at,
         device=plan["device"])
     target = report_dir_for(out, model["slug"])
     start = time.perf_counter()
@@ -74,25 +75,3 @@ def _link(report: Path, model: str) -> None:
                                  description=f"MLSAE report for {model}: {report}")
     except Exception as err:  # the report file is the product; the artifact a convenience
         run_logger().warning("could not create the report artifact: %s", err)
-
-
-def report_command(params: dict[str, Any], defaults: dict[str, Any]) -> str:
-    """The `mlsae report` command line that reproduces a run with these parameters."""
-    flags = {"model": "--model", "data": "--data", "base_expansion_factor": "--base-R",
-             "base_k": "--base-k", "train_tokens": "--train-tokens",
-             "batch_tokens": "--batch-tokens",
-             "eval_tokens": "--eval-tokens", "seq_len": "--seq-len", "seed": "--seed",
-             "lr": "--lr", "device": "--device"}
-    parts = ["mlsae report"]
-    for name, flag in flags.items():
-        if params.get(name) != defaults.get(name):
-            parts.append(f"{flag} {params[name]}")
-    if list(params["expansion_factors"]) != list(defaults["expansion_factors"]):
-        parts += [f"-R {r}" for r in params["expansion_factors"]]
-    if list(params["ks"]) != list(defaults["ks"]):
-        parts += [f"-k {k}" for k in params["ks"]]
-    if not params.get("lens", True):
-        parts.append("--no-lens")
-    if params.get("out"):
-        parts.append(f"--out {params['out']}")
-    return " ".join(parts)

@@ -1,4 +1,6 @@
-"""Prefect task: train one autoencoder on the activation cache (resumes from its checkpoint)."""
+"""Prefect tasks: train autoencoders, from the activation cache (one task each) or from
+one streaming pass of the model (one task for the plan's whole group). Both resume from
+their checkpoints and stop at a step boundary when a stop is requested (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import Any, TypedDict
 from prefect import task
 
 from tasks.common import CACHE_POLICY, gpu_slot, progress_log, run_logger
-from tasks.configs import BATCH_TOKENS, train_config
 from tasks.extract import CacheManifest
 from tasks.lens import LensManifest, load_lens
 
@@ -35,37 +36,77 @@ def autoencoder_dir(out: str, sae_id: str) -> Path:
     return Path(out) / "autoencoders" / sae_id
 
 
+def pick_trained(trained: TrainManifest | list[TrainManifest], sae_id: str) -> TrainManifest:
+    """The manifest of `sae_id` from one task's manifest or a streaming group's list."""
+    found = [trained] if isinstance(trained, dict) else list(trained)
+    for manifest in found:
+        if manifest["sae_id"] == sae_id:
+            return manifest
+    raise KeyError(f"no trained autoencoder {sae_id!r} among {[m['sae_id'] for m in found]}")
+
+
+def _manifest(spec: dict[str, Any], settings: dict, run_dir: Path, result, seconds: float
+              ) -> TrainManifest:
+    last = result.history[-1] if result.history else {}
+    return TrainManifest(
+        sae_id=spec["sae_id"], sae_dir=str(result.sae_dir), run_dir=str(run_dir),
+        role=spec["role"], layers=list(spec["layers"]), train_tokens=settings["train_tokens"],
+        steps=result.steps, resumed_from_step=result.resumed_from_step,
+        final_fvu=last.get("fvu"), seconds=round(seconds, 2))
+
+
 @task(name="train-autoencoder", cache_policy=CACHE_POLICY)
-def train_autoencoder(spec: dict[str, Any], model: dict[str, Any], data: str,
-                      cache: CacheManifest, lens: LensManifest | None, train_tokens: int,
-                      seed: int, lr: float, device: str, out: str,
-                      batch_tokens: int = BATCH_TOKENS) -> TrainManifest:
-    """Train (or finish training) one MLSAE / single-layer SAE of the plan."""
+def train_autoencoder(spec: dict[str, Any], settings: dict, cache: CacheManifest,
+                      lens: LensManifest | None, out: str) -> TrainManifest:
+    """Train (or finish training) one MLSAE / single-layer SAE of the plan from the cache."""
     from mlsae.cache import ActivationCache
+    from mlsae.interrupt import stop_requested
+    from mlsae.plan import train_config
     from mlsae.sae import train_sae
 
-    cfg = train_config(spec, model, data, lens["lens"] if lens else None, train_tokens, seed, lr,
-                       device, batch_tokens)
+    cfg = train_config(settings, spec, lens["lens"] if lens else None)
     run_dir = autoencoder_dir(out, spec["sae_id"])
     basis = None
     if lens is not None:
         from mlsae.models import load_model
 
-        basis = load_lens(lens, load_model(model["name"], device="cpu"), out)
-    logger = run_logger()
-    logger.info("training %s: %s, R=%d (%d latents), k=%d, layers %s, %d tokens in %d steps",
-                spec["sae_id"], spec["role"], spec["expansion_factor"], cfg.sae.n_latents,
-                spec["k"], spec["layers"], train_tokens, cfg.n_steps)
+        basis = load_lens(lens, load_model(settings["model"]["name"], device="cpu"), out)
+    run_logger().info("training %s: %s, R=%d (%d latents), k=%d, layers %s, %d tokens in %d "
+                      "steps", spec["sae_id"], spec["role"], spec["expansion_factor"],
+                      cfg.sae.n_latents, spec["k"], spec["layers"], cfg.train_tokens, cfg.n_steps)
     start = time.perf_counter()
-    with gpu_slot(device):
+    with gpu_slot(settings["device"]):
         result = train_sae(cfg, ActivationCache.open(cache["cache_dir"]), run_dir, basis=basis,
-                           progress_log=progress_log())
-    if result.resumed_from_step:
-        logger.info("%s: continued from the checkpoint at step %d of %d", spec["sae_id"],
-                    result.resumed_from_step, cfg.n_steps)
-    last = result.history[-1] if result.history else {}
-    return TrainManifest(
-        sae_id=spec["sae_id"], sae_dir=str(result.sae_dir), run_dir=str(run_dir),
-        role=spec["role"], layers=list(spec["layers"]), train_tokens=train_tokens,
-        steps=result.steps, resumed_from_step=result.resumed_from_step,
-        final_fvu=last.get("fvu"), seconds=round(time.perf_counter() - start, 2))
+                           progress_log=progress_log(), should_stop=stop_requested)
+    return _manifest(spec, settings, run_dir, result, time.perf_counter() - start)
+
+
+@task(name="train-autoencoders-streaming", cache_policy=CACHE_POLICY)
+def train_autoencoders_streaming(specs: list[dict[str, Any]], settings: dict,
+                                 lens: LensManifest | None, out: str) -> list[TrainManifest]:
+    """Train every autoencoder of the plan in one pass of the model over the training text
+    (nothing on disk but checkpoints); resumes at the checkpoints' window."""
+    from mlsae.extract import ActivationStream
+    from mlsae.interrupt import stop_requested
+    from mlsae.models import load_model
+    from mlsae.plan import extract_config, train_config
+    from mlsae.sae import train_many
+
+    loaded = load_model(settings["model"]["name"], device=settings["device"],
+                        dtype=extract_config(settings).model_dtype)
+    basis = load_lens(lens, loaded, out) if lens is not None else None
+    cfgs = [train_config(settings, spec, lens["lens"] if (lens and spec["lens"]) else None)
+            for spec in specs]
+    run_dirs = [autoencoder_dir(out, spec["sae_id"]) for spec in specs]
+    run_logger().info("training %d autoencoders in one streaming pass: %d tokens per layer in "
+                      "%d steps of %d tokens", len(specs), settings["train_tokens"],
+                      cfgs[0].n_steps, cfgs[0].batch_tokens)
+    start = time.perf_counter()
+    with gpu_slot(settings["device"]):
+        results = train_many(cfgs, ActivationStream(extract_config(settings), loaded), run_dirs,
+                             bases=[basis if spec["lens"] else None for spec in specs],
+                             source_layers=list(settings["layers"]),
+                             progress_log=progress_log(), should_stop=stop_requested)
+    seconds = time.perf_counter() - start
+    return [_manifest(spec, settings, run_dir, result, seconds)
+            for spec, run_dir, result in zip(specs, run_dirs, results, strict=True)]

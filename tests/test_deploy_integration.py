@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.prefect_server import PrefectServer
+from flows.server import PrefectServer
 from tests.test_flows_support import (
     SMALL,
+    request,
     save_tiny_model,
     table_rows,
 )
@@ -104,7 +105,8 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
                          name="worker")
 
         # 3. The pipeline deployment, with small budgets.
-        run = wait_for(server, trigger(server, "mlsae-pipeline/default", small_params), 240)
+        run = wait_for(server, trigger(server, "mlsae-pipeline/default",
+                                       request(baselines=False)), 240)
         assert run["state"]["type"] == "COMPLETED", (run["state"], server.child_logs())
         (n_saes, model), = table_rows(warehouse, "SELECT count(*), any_value(model) FROM saes")
         assert (n_saes, model) == (1, "embedded")
@@ -122,7 +124,7 @@ def test_deploy_worker_pipeline_and_rerun(tmp_path):
         pipeline_runs = runs_of(server, pipeline_deployment)
         assert len(pipeline_runs) == runs_before + 1
         new_run = max(pipeline_runs, key=lambda r: r["created"])
-        assert new_run["parameters"]["model"] == str(tiny)
+        assert new_run["parameters"]["target"]["model"] == str(tiny)
         assert new_run["state"]["type"] == "COMPLETED"
         models = {row[0] for row in table_rows(warehouse, "SELECT model FROM saes")}
         assert models == {"embedded", str(tiny)}

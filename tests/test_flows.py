@@ -22,6 +22,7 @@ from tests.test_flows_support import (
     MLSAE_FIGURES,
     MODEL_FIGURES,
     SMALL,
+    request,
     save_tiny_model,
     snapshot,
     table_rows,
@@ -52,7 +53,7 @@ def first_run(prefect_api, tmp_path_factory):
     from flows.pipeline import pipeline
 
     out = tmp_path_factory.mktemp("warehouse")
-    result = pipeline(model="embedded", data="embedded", layers=LAYERS, **SMALL, out=str(out))
+    result = pipeline(**request(model="embedded", data="embedded", layers=LAYERS), out=str(out))
     return out, result
 
 
@@ -100,7 +101,7 @@ def test_second_identical_run_hits_the_caches_and_writes_nothing(first_run):
 
     out, _ = first_run
     before = snapshot(out)
-    state = pipeline(model="embedded", data="embedded", layers=LAYERS, **SMALL, out=str(out),
+    state = pipeline(**request(model="embedded", data="embedded", layers=LAYERS), out=str(out),
                      return_state=True)
     assert state.is_completed()
     states = task_states(state.state_details.flow_run_id)
@@ -118,7 +119,7 @@ def test_bad_parameters_fail_the_run_before_any_compute(prefect_api, tmp_path, b
     from flows.pipeline import pipeline
 
     out = tmp_path / "warehouse"
-    params = {"model": "embedded", **SMALL, "out": str(out), **bad}
+    params = {**request(model="embedded", **bad), "out": str(out)}
     start = time.perf_counter()
     state = pipeline(**params, return_state=True)
     assert state.is_failed()
@@ -148,9 +149,8 @@ def test_sweep_runs_the_grid_with_a_thread_pool(first_run):
     from flows.sweep import sweep
 
     out, first = first_run
-    result = sweep(models=["embedded"], expansion_factors=[2], ks=[4, 8], lenses=[False],
-                   layers=LAYERS, baselines=False, train_tokens=SMALL["train_tokens"],
-                   eval_tokens=SMALL["eval_tokens"], seq_len=SMALL["seq_len"],
+    result = sweep(models=["embedded"], **request(ks=[4, 8], lens="off", layers=LAYERS,
+                                                  baselines=False),
                    task_runner="thread", max_workers=2, out=str(out))
     (run,) = result["runs"]
     assert len(run["mlsae_ids"]) == 2
@@ -173,7 +173,7 @@ def test_pipeline_in_the_tuned_lens_basis(prefect_api, tmp_path):
     lens_dir = trained_lens_dir(str(tiny), out / "lenses")
     train_lens_for_model(load_model(str(tiny), device="cpu"), lens_dir,
                          LensTrainConfig(steps=3, batch_size=2, seq_len=64))
-    result = pipeline(model=str(tiny), lens=True, baselines=False, **SMALL, out=str(out))
+    result = pipeline(**request(model=str(tiny), lens="on", baselines=False), out=str(out))
     ((lens, sae_id),) = table_rows(out, "SELECT lens, sae_id FROM saes")
     assert sae_id == result["mlsae_ids"][0] and "-lens-" in sae_id
     assert lens == str(lens_dir)
@@ -197,8 +197,9 @@ def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api
     train_lens_for_model(load_model(str(tiny), device="cpu"),
                          trained_lens_dir(str(tiny), out / "lenses"),
                          LensTrainConfig(steps=3, batch_size=2, seq_len=64))
-    params = dict(model=str(tiny), expansion_factors=[1, 2], ks=[2, 4], base_expansion_factor=2,
-                  base_k=4, train_tokens=2048, eval_tokens=512, seq_len=64, out=str(out))
+    flat = dict(model=str(tiny), expansion_factors=[1, 2], ks=[2, 4], base_expansion_factor=2,
+                base_k=4, train_tokens=2048, eval_tokens=512, seq_len=64)
+    params = {**request(**flat), "preset": "report", "out": str(out)}
     result = report(**params)
     ids = result["sae_ids"]
     # R in {1, 2} at k=4, k=2 at R=2, the base with the lens, 3 single-layer SAEs.
@@ -221,17 +222,17 @@ def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api
     ledger = json.loads((Path(again["report_dir"]) / "runs.json").read_text())
     assert len(ledger) == 2
 
-    # The scheduled rerun in report mode: a model with a report is done; entry parameters
-    # the report flow does not take are dropped, not passed.
+    # The scheduled rerun in report mode: a model with a report is done; flat entry
+    # parameters go to their parts of the request.
     from flows.rerun import pipeline_parameters, rerun
 
-    entry = {"model": str(tiny), "parameters": {**params, "layers": [0, 1]}}
+    entry = {"model": str(tiny), "parameters": {**flat, "preset": "report", "layers": [0, 1]}}
     registry = tmp_path / "models.yaml"
     registry.write_text(yaml.safe_dump({"models": [entry]}))
     result = rerun(registry=str(registry), variable="", out=str(out), kind="report")
     assert result["done_before"] == [str(tiny)] and result["started"] == []
-    assert "layers" not in pipeline_parameters(entry, out, "report")
-    assert pipeline_parameters(entry, out, "pipeline")["layers"] == [0, 1]
+    assert pipeline_parameters(entry, out, "pipeline")["grid"]["layers"] == [0, 1]
+    assert pipeline_parameters(entry, out, "report")["target"]["model"] == str(tiny)
 
 
 # -- a run killed in the middle of training --------------------------------------------------
@@ -261,6 +262,7 @@ def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefec
     import torch
 
     from flows.pipeline import pipeline
+    from mlsae.plan import nest_fields
 
     # One thread everywhere, so the killed, resumed and clean runs do the same
     # floating-point work and must agree bit for bit.
@@ -290,7 +292,7 @@ def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefec
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same floating-point work as the subprocesses
     try:
-        pipeline(**RESUME_PARAMS, out=str(clean_out))
+        pipeline(**nest_fields(RESUME_PARAMS), out=str(clean_out))
     finally:
         torch.set_num_threads(threads)
     for query in ("SELECT sae_id, seq_id, pos, layer, latent, value FROM latents ORDER BY ALL",

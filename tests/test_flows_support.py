@@ -16,6 +16,13 @@ from mlsae.paths import EMBEDDED_MODEL_DIR
 # training sequences of 64 tokens, 8 held-out sequences.
 SMALL = dict(expansion_factors=[2], ks=[4], train_tokens=2048, eval_tokens=512, seq_len=64)
 
+
+def request(**flat) -> dict:
+    """Flow parameters (preset/target/grid/budget) of SMALL updated with `flat` fields."""
+    from mlsae.plan import nest_fields
+
+    return nest_fields({**SMALL, **flat})
+
 EXPECTED_TABLES = ("saes", "layer_metrics", "tokens", "latents")
 EXPECTED_VIEWS = ("latent_layers", "latent_stats", "variance_summary")
 MLSAE_FIGURES = ("fig2_layer_heatmap.png", "fig3_prompt_heatmap.png",

@@ -57,15 +57,14 @@ def test_training_facts_judges_whether_fvu_settled(tmp_path):
     assert training_facts(tmp_path / "missing") is None
 
 
-def test_report_command_names_only_non_defaults():
-    from flows.report import REPORT_DEFAULTS
-    from tasks.report import report_command
+def test_report_command_names_only_given_options():
+    from flows.options import command_line
+    from flows.report import report_request
 
-    params = {**REPORT_DEFAULTS, "out": None}
-    assert report_command(params, REPORT_DEFAULTS) == "mlsae report"
-    params.update(ks=[4, 8], lens=False, train_tokens=1000, out="wh")
-    assert report_command(params, REPORT_DEFAULTS) == (
-        "mlsae report --train-tokens 1000 -k 4 -k 8 --no-lens --out wh")
+    assert command_line("report", report_request()) == "mlsae report"
+    request = report_request(grid={"ks": [4, 8], "lens": "off"}, budget={"train_tokens": 1000})
+    assert command_line("report", request, "wh") == (
+        "mlsae report -k 4 -k 8 --lens off --train-tokens 1000 --out wh")
 
 
 def test_report_figures_are_written(tmp_path):

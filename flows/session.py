@@ -1,0 +1,134 @@
+"""How a command runs a flow: a Prefect server to talk to, Ctrl-C, and one-line errors.
+
+- Without a configured server (PREFECT_API_URL) the command starts its own
+  temporary `prefect server start` on a free loopback port, in its own process
+  session, so the terminal's Ctrl-C (sent to the whole foreground process
+  group) does not kill it under the running flow; it is stopped when the
+  command ends.
+- The first Ctrl-C asks every step to stop at its next safe point (training
+  writes its checkpoints first): the command ends within seconds with
+  "interrupted: run the same command again ..."; a second Ctrl-C quits at once.
+- Every failure ends with one `Error:` line naming the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+
+import click
+
+_SERVER = None  # the temporary server, stopped by a second Ctrl-C before quitting
+
+
+def prefect_defaults() -> None:
+    """Offline-friendly Prefect settings (ENV.md), unless the user set them."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def prefect_session() -> Iterator[None]:
+    """The configured Prefect server, or a temporary one shielded from the terminal's signals."""
+    global _SERVER
+    prefect_defaults()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from flows.server import PrefectServer
+
+    workdir = tempfile.mkdtemp(prefix="mlsae-prefect-")
+    click.echo("Starting a temporary Prefect server (set PREFECT_API_URL to use your own)...",
+               err=True)
+    server = PrefectServer(workdir, own_home=False, startup_timeout_s=120)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as err:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise click.ClickException(f"the temporary Prefect server did not start: {err}") from err
+    _SERVER = server
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        _SERVER = None
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_at_a_safe_point() -> Iterator[None]:
+    """First SIGINT: request a stop at the next step boundary; second: quit now."""
+    from mlsae import interrupt
+
+    interrupt.clear()
+
+    def handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+        if interrupt.stop_requested():
+            click.echo("\nError: interrupted again: quitting now (finished steps are kept; "
+                       f"{interrupt.RERUN_HINT})", err=True)
+            if _SERVER is not None:
+                _SERVER.stop()
+            os._exit(130)
+        interrupt.request_stop()
+        click.echo("\nCtrl-C: stopping at the next step boundary (training writes its "
+                   "checkpoint first); Ctrl-C again to quit at once.", err=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line naming the cause of a failed run (the innermost exception's message)."""
+    cause = err
+    while cause.__cause__ is not None and not str(cause):
+        cause = cause.__cause__
+    text = str(cause).strip() or type(cause).__name__
+    first = text.splitlines()[0] if "invalid parameters" not in text else text
+    return f"{type(cause).__name__}: {first}" if type(cause).__name__ not in first else first
+
+
+def call_flow(flow_fn, **params):
+    """Run a flow for a command (in a Prefect session, Ctrl-C safe); every failure becomes
+    a one-line error (the flow's steps are cached, so rerunning continues)."""
+    from mlsae import interrupt
+    from mlsae.plan import InvalidRequest
+
+    with ctrl_c_stops_at_a_safe_point(), prefect_session():
+        try:
+            return flow_fn(**params)
+        except interrupt.Interrupted as err:
+            raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted: {interrupt.RERUN_HINT}") from None
+        except InvalidRequest as err:
+            raise click.ClickException(str(err)) from None
+        except Exception as err:
+            if interrupt.stop_requested():
+                raise click.ClickException(f"interrupted: {interrupt.RERUN_HINT}") from None
+            raise click.ClickException(
+                f"{describe_failure(err)}\n(the run's log above has the details; after a fix, "
+                f"{interrupt.RERUN_HINT})") from None
+
+
+def fail_fast(fn, *args, **kwargs):
+    """Call a planning function; its InvalidRequest/ValueError is a one-line click error."""
+    from mlsae.plan import InvalidRequest
+
+    try:
+        return fn(*args, **kwargs)
+    except InvalidRequest as err:
+        raise click.ClickException(str(err)) from None
+
+

@@ -1,0 +1,199 @@
+"""What a planned run will cost, before it starts: disk, RAM and an estimated wall time.
+
+Sizes come from the plan (cache bytes, latent rows x the measured bytes per row).
+Time comes from a short probe on the plan's device: a timed forward pass of the
+model over one batch of sequences (block outputs captured, as extraction does)
+and a few timed optimizer steps of each distinct autoencoder shape on a small
+batch, scaled to the budget. Evaluation is modelled as the forward passes it
+runs (clean + one splice per layer for an MLSAE) plus encoding; a fixed
+orchestration cost per task covers Prefect and model loading.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mlsae.plan import (
+    CACHE_BYTES_PER_VALUE,
+    LATENT_BYTES_PER_ROW,
+    Plan,
+    run_settings,
+    train_config,
+)
+
+SERVER_START_S = 12.0
+"""A temporary Prefect server becoming healthy (ENV.md: ~10 s)."""
+PER_TASK_S = 2.0
+"""Prefect task orchestration plus loading the model in the task."""
+FIGURES_PER_MLSAE_S = 6.0
+PROBE_EXAMPLES = 4096
+
+
+def _probe_forward(plan: Plan) -> float:
+    """Seconds per token of the model's forward pass (block outputs captured)."""
+    import torch
+
+    from mlsae.hooks import capture_residuals
+    from mlsae.models import load_model
+    from mlsae.plan import extract_config
+
+    cfg = extract_config(run_settings(plan))
+    loaded = load_model(plan["model"]["name"], device=plan["device"], dtype=cfg.model_dtype)
+    device = next(loaded.model.parameters()).device
+    vocab = plan["model"].get("vocab_size") or 1000
+    seq_len = plan["seq_len"]
+    batch = max(1, min(cfg.batch_size, 8192 // seq_len))
+    ids_BT = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        capture_residuals(loaded.model, ids_BT.to(device), plan["layers"]).cpu()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times) / (batch * seq_len)
+
+
+def _probe_sae_step(plan: Plan, spec: dict[str, Any]) -> float:
+    """Seconds per training example of one autoencoder shape (a few steps on a small batch)."""
+    import torch
+
+    from mlsae.models import resolve_device
+    from mlsae.sae.model import MLSAE
+    from mlsae.sae.step import DeadCounter, make_optimizer, train_step
+
+    cfg = train_config(plan, spec)
+    device = resolve_device(plan["device"])
+    sae = MLSAE(cfg.sae, seed=0, device=device)
+    optimizer = make_optimizer(sae, cfg.lr, cfg.betas, cfg.adam_eps)
+    dead = DeadCounter(cfg.sae.n_latents, device)
+    n_pos = len(spec["layers"])
+    rows = PROBE_EXAMPLES - PROBE_EXAMPLES % n_pos
+    x_ND = torch.randn(rows, cfg.sae.d_model, generator=torch.Generator().manual_seed(0)
+                       ).to(device)
+    slot_N = torch.arange(n_pos, device=device).repeat(rows // n_pos)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.autocast or "")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        train_step(sae, optimizer, x_ND, slot_N, n_pos, dead=dead, compute_dtype=dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) / rows
+
+
+def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
+    """The plan's cost as one JSON-able dict (what `--dry-run --json` prints)."""
+    model, budget = plan["model"], plan["budget"]
+    n_layers, d_model = len(plan["layers"]), model["d_model"]
+    eval_seqs = -(-plan["eval_tokens"] // plan["seq_len"])
+    eval_tokens = eval_seqs * plan["seq_len"]
+    mlsaes = [s for s in plan["specs"] if s["role"] == "mlsae"]
+    latents_rows = sum(eval_tokens * len(s["layers"]) * s["k"] for s in mlsaes)
+    shuffle_bytes = (budget.get("shuffle_tokens") or 65_536) * n_layers * d_model \
+        * CACHE_BYTES_PER_VALUE
+    checkpoint_bytes = sum(4 * 3 * (2 * s["n_latents"] * d_model + d_model)
+                           for s in plan["specs"])
+    estimate: dict[str, Any] = {
+        "model": model["name"], "n_layers": model["n_layers"], "d_model": d_model,
+        "preset": plan["request"]["preset"], "device": plan["device"],
+        "layers": plan["layers"], "train_tokens": plan["train_tokens"],
+        "batch_tokens": plan["batch_tokens"],
+        "steps": max(1, plan["train_tokens"] // plan["batch_tokens"]),
+        "eval_tokens": eval_tokens, "seq_len": plan["seq_len"],
+        "training_source": plan["training_source"],
+        "cache_bytes": plan["cache_bytes"], "cache_limit_bytes": plan["cache_limit_bytes"],
+        "cache_bytes_written": plan["cache_bytes"] if plan["training_source"] == "cache" else 0,
+        "shuffle_buffer_bytes": shuffle_bytes, "checkpoint_bytes": checkpoint_bytes,
+        "latents_rows": latents_rows,
+        "latents_bytes": int(latents_rows * LATENT_BYTES_PER_ROW),
+        "saes": [dict(s) for s in plan["specs"]],
+        "estimated_seconds": None, "stages_seconds": None, "probe": None,
+    }
+    if not probe:
+        return estimate
+    s_per_token = _probe_forward(plan)
+    s_per_example: dict[tuple[int, int, int], float] = {}
+    for spec in plan["specs"]:
+        key = (spec["n_latents"], spec["k"], len(spec["layers"]))
+        if key not in s_per_example:
+            s_per_example[key] = _probe_sae_step(plan, spec)
+    train_tokens = -(-plan["train_tokens"] // plan["seq_len"]) * plan["seq_len"]
+    forward_s = train_tokens * s_per_token
+    train_s = sum(plan["train_tokens"] * len(s["layers"])
+                  * s_per_example[(s["n_latents"], s["k"], len(s["layers"]))]
+                  for s in plan["specs"])
+    n_blocks = model["n_layers"]
+    eval_s = 0.0
+    for s in plan["specs"]:
+        encode = eval_tokens * len(s["layers"]) * s_per_example[
+            (s["n_latents"], s["k"], len(s["layers"]))] / 3
+        # Full forward passes (to the unembedding): ~ blocks/used-blocks of a capture pass.
+        full = s_per_token * n_blocks / max(1, max(plan["layers"]) + 1)
+        passes = 1 + len(s["layers"])  # clean + one splice per layer
+        eval_s += eval_tokens * full * passes + encode
+        if s["role"] == "mlsae":  # logging the latents: one more capture pass + encode
+            eval_s += eval_tokens * s_per_token + encode
+    n_tasks = 2 + len(plan["specs"]) * 2 + 2 * len(mlsaes) + 1
+    overhead = SERVER_START_S + PER_TASK_S * n_tasks + FIGURES_PER_MLSAE_S * len(mlsaes)
+    stages = {"extract_or_stream_forward": forward_s, "train_sae_steps": train_s,
+              "evaluate_and_log": eval_s, "orchestration": overhead}
+    estimate.update(
+        estimated_seconds=round(sum(stages.values()), 1),
+        stages_seconds={k: round(v, 1) for k, v in stages.items()},
+        probe={"forward_tokens_per_s": round(1 / s_per_token, 1),
+               "sae_examples_per_s": {f"n{n}-k{k}-L{layers}": round(1 / v, 1)
+                                      for (n, k, layers), v in s_per_example.items()}})
+    return estimate
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n:,.0f} B"
+        n /= 1000
+    return f"{n:,.1f} PB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_estimate(e: dict[str, Any]) -> str:
+    """The plan as a few readable lines (what `--dry-run` prints)."""
+    lines = [
+        f"Plan for {e['model']} ({e['n_layers']} blocks x d_model {e['d_model']}), preset "
+        f"{e['preset']}, device {e['device']}:",
+        f"  {e['train_tokens']:,} training tokens per layer on layers {e['layers']}, "
+        f"{e['steps']:,} steps of {e['batch_tokens']:,} tokens; {e['eval_tokens']:,} held-out "
+        f"tokens; sequences of {e['seq_len']}",
+        f"  training source: {e['training_source']} (cache would be {_bytes(e['cache_bytes'])}; "
+        f"limit {_bytes(e['cache_limit_bytes'])}; written: {_bytes(e['cache_bytes_written'])})",
+        f"  shuffle buffer RAM ~{_bytes(e['shuffle_buffer_bytes'])}; checkpoints "
+        f"~{_bytes(e['checkpoint_bytes'])}",
+        f"  latent table ~{e['latents_rows']:,} rows, ~{_bytes(e['latents_bytes'])}",
+        f"  {len(e['saes'])} autoencoder(s):",
+    ]
+    for s in e["saes"]:
+        lines.append(f"    {s['sae_id']}: {s['role']}, R {s['expansion_factor']} "
+                     f"({s['n_latents']:,} latents), k {s['k']}, layers {s['layers']}"
+                     f"{', tuned lens' if s['lens'] else ''}")
+    if e["estimated_seconds"] is not None:
+        stages = ", ".join(f"{k.replace('_', ' ')} {_duration(v)}"
+                           for k, v in e["stages_seconds"].items())
+        lines.append(f"  estimated wall time: {_duration(e['estimated_seconds'])} ({stages})")
+        lines.append(f"  probe: forward {e['probe']['forward_tokens_per_s']:,.0f} tokens/s; SAE "
+                     + ", ".join(f"{k} {v:,.0f} examples/s"
+                                 for k, v in e["probe"]["sae_examples_per_s"].items()))
+    lines.append("Nothing was written (--dry-run).")
+    return "\n".join(lines)

@@ -1,0 +1,719 @@
+"""The run request (one parameter model), its presets, and the plan derived from it.
+
+A request has three parts, each a dataclass whose fields are documented once here:
+the CLI options of `mlsae run/sweep/report` are generated from these fields
+(flows/options.py) and the flows take the same objects, so a new option is one
+edit. A field left as None takes the value of the request's PRESET; an explicitly
+given value is never replaced (0 or a negative budget is an error naming the
+option, raised on construction, before any compute).
+
+    RunRequest(preset, target: Target, grid: Grid, budget: Budget)
+        -> make_plan(request) -> Plan: the model's shape, every autoencoder (sae_id,
+           role, R, k, layers, lens), the training source (cache or stream) and sizes
+        -> train_config(plan, spec): the library TrainConfig of one autoencoder
+
+Planning reads only the model's config.json and weight headers and peeks at the
+data, so a bad request fails in seconds. The library never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, TypedDict
+
+
+class InvalidRequest(ValueError):
+    """The request cannot work; the message lists each problem and its fix."""
+
+
+# ---------------------------------------------------------------- field docs
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the CLI's help text)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def cli(*flags: str, multiple: bool = False, commands: tuple[str, ...] = ("run", "sweep", "report"),
+        choices: tuple[str, ...] | None = None, flag_value: Any = None) -> dict[str, Any]:
+    """Field metadata for the generated CLI: extra flags (e.g. "-R"), repeatable, commands."""
+    return {"cli": dict(flags=flags, multiple=multiple, commands=commands, choices=choices,
+                        flag_value=flag_value)}
+
+
+OPTION_NAMES = {"ks": "-k", "expansion_factors": "--expansion-factor",
+                "base_expansion_factor": "--base-R"}
+"""CLI flags that are not simply --field-name."""
+
+
+def _fail(owner: str, name: str, value: Any, need: str) -> None:
+    option = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+    raise InvalidRequest(f"{option} {value!r}: {need} ({owner}.{name})")
+
+
+def _check_positive(owner: str, name: str, value: Any, kind: type = int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        _fail(owner, name, value, f"must be a {'number' if kind is float else 'whole number'}")
+    if not value > 0:
+        _fail(owner, name, value, "must be > 0 (leave the option out to take the preset's value)")
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'20GB' -> 20_000_000_000, '512MiB', '0', 1000 -> bytes; ValueError naming the format."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"size {text} must be >= 0")
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in SIZE_UNITS:
+        raise ValueError(f"size {text!r}: write a number with an optional unit, e.g. 20GB, "
+                         "512MiB or 0")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+# ---------------------------------------------------------------- the request parts
+
+@dataclass
+class Target:
+    """What to run on: the model, the text and the device."""
+
+    model: str | None = field(default=None, metadata=cli())
+    """'embedded' (ships with mlsae), a local directory saved with save_pretrained, or a hub id
+    such as EleutherAI/pythia-70m-deduped. [default: embedded]"""
+    data: str | None = field(default=None, metadata=cli())
+    """'embedded', a local .txt/.jsonl/.parquet file or directory, or a hub data set.
+    [default: embedded]"""
+    text_column: str | None = field(default=None, metadata=cli())
+    """Field or column holding the text in .jsonl/.parquet files and hub data sets.
+    [default: text]"""
+    data_config: str | None = field(default=None, metadata=cli())
+    """Configuration (subset) name of a hub data set, e.g. wikitext-103-raw-v1."""
+    device: str | None = field(default=None, metadata=cli())
+    """auto (CUDA when available), cpu, cuda, cuda:1, ... [default: auto]"""
+    precision: str | None = field(default=None, metadata=cli(
+        choices=("float32", "bfloat16", "float16")))
+    """Compute dtype of the model's forward pass and the SAE's encoder matmul (autocast);
+    bfloat16/float16 are for GPUs. Parameters, TopK selection and sums stay float32.
+    [default: float32]"""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "text_column", "device"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                _fail("Target", name, value, "must be a non-empty string")
+        if self.precision is not None and self.precision not in ("float32", "bfloat16", "float16"):
+            _fail("Target", "precision", self.precision, "use float32, bfloat16 or float16")
+
+
+LENS_CHOICES = ("off", "on", "both")
+
+
+@dataclass
+class Grid:
+    """Which autoencoders: expansion factors x k x lens, the layers, the baselines."""
+
+    expansion_factors: list[int] | None = field(default=None, metadata=cli(
+        "-R", "--expansion-factor", multiple=True))
+    """n_latents = R x d_model; repeat for several MLSAEs."""
+    ks: list[int] | None = field(default=None, metadata=cli("-k", multiple=True))
+    """Active latents per example (TopK); repeat for several."""
+    lens: str | None = field(default=None, metadata=cli(choices=LENS_CHOICES, flag_value="on"))
+    """Train in the tuned-lens basis: off, on, or both (every config twice); --lens alone
+    means on. A lens is trained first where none exists. With a star grid (base R/k set)
+    only the base config gets the lens."""
+    layers: list[int] | None = field(default=None, metadata=cli())
+    """Block indices the MLSAE reads, comma-separated (e.g. 0,2,4), or all. [default: all]"""
+    baselines: bool | None = field(default=None, metadata=cli())
+    """Also train a single-layer SAE per layer, to compare against the MLSAE."""
+    base_expansion_factor: int | None = field(default=None, metadata=cli("--base-R"))
+    """Star grid: every R at the base k and every k at the base R, instead of every
+    combination; the base config also gets the baselines and the lens."""
+    base_k: int | None = field(default=None, metadata=cli())
+    """Base k of a star grid (see --base-R)."""
+
+    def __post_init__(self) -> None:
+        for name in ("expansion_factors", "ks"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if isinstance(values, int):
+                values = [values]
+            values = list(values)
+            if not values:
+                _fail("Grid", name, values, "give at least one value")
+            for value in values:
+                _check_positive("Grid", name, value)
+            setattr(self, name, sorted(set(values), key=values.index))
+        if self.lens is not None:
+            if isinstance(self.lens, bool):
+                self.lens = "on" if self.lens else "off"
+            if self.lens not in LENS_CHOICES:
+                _fail("Grid", "lens", self.lens, f"use one of {', '.join(LENS_CHOICES)}")
+        if self.layers is not None:
+            if isinstance(self.layers, str):
+                self.layers = parse_layers(self.layers)
+            else:
+                self.layers = [int(layer) for layer in self.layers] or None
+        if self.layers is not None:
+            if any(layer < 0 for layer in self.layers):
+                _fail("Grid", "layers", self.layers, "block indices are >= 0")
+            if len(set(self.layers)) != len(self.layers):
+                _fail("Grid", "layers", self.layers, "list each block once")
+        _check_positive("Grid", "base_expansion_factor", self.base_expansion_factor)
+        _check_positive("Grid", "base_k", self.base_k)
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """'0,2,4' -> [0, 2, 4]; 'all' or '' -> None (every block)."""
+    if text.strip().lower() in ("", "all"):
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError as err:
+        raise InvalidRequest(f"--layers {text!r}: give comma-separated block indices like "
+                             "0,1,2 or 'all'") from err
+
+
+@dataclass
+class Budget:
+    """How much: tokens, sequence length, optimizer, and where training data comes from."""
+
+    train_tokens: int | None = field(default=None, metadata=cli())
+    """Training tokens per layer (an MLSAE on L layers sees L examples per token)."""
+    eval_tokens: int | None = field(default=None, metadata=cli())
+    """Held-out tokens for the metrics and the latent tables."""
+    seq_len: int | None = field(default=None, metadata=cli())
+    """Tokens per sequence (at most the model's maximum positions)."""
+    batch_tokens: int | None = field(default=None, metadata=cli())
+    """Tokens per optimizer step (at most train_tokens)."""
+    lr: float | None = field(default=None, metadata=cli())
+    """Adam learning rate (constant)."""
+    adam_eps: float | None = field(default=None, metadata=cli())
+    """Adam epsilon."""
+    seed: int | None = field(default=None, metadata=cli())
+    """Seed of the initialisation and the data order. [default: 0]"""
+    k_aux: int | None = field(default=None, metadata=cli())
+    """Latents in the AuxK loss (chosen among dead ones). Unset: min(256, n_latents / 2)."""
+    aux_coef: float | None = field(default=None, metadata=cli())
+    """Weight of the AuxK term in the loss."""
+    dead_tokens: int | None = field(default=None, metadata=cli())
+    """A latent is dead after this many training tokens without firing. Unset: min(10M,
+    train_tokens / 5), so AuxK acts in short runs too."""
+    shuffle_tokens: int | None = field(default=None, metadata=cli())
+    """Tokens in the shuffle buffer: whole sequences whose (token, layer) examples are
+    mixed before batching. RAM: about shuffle_tokens x layers x d_model x 2 bytes."""
+    cache_limit: str | None = field(default=None, metadata=cli())
+    """Largest activation cache to write, e.g. 20GB: a training set that fits is extracted
+    to disk once (reused by later runs); a larger one is streamed from the model. 0 =
+    always stream. [default: half the free disk space]"""
+
+    def __post_init__(self) -> None:
+        for name in ("train_tokens", "eval_tokens", "seq_len", "batch_tokens", "k_aux",
+                     "dead_tokens", "shuffle_tokens"):
+            _check_positive("Budget", name, getattr(self, name))
+        for name in ("lr", "adam_eps"):
+            _check_positive("Budget", name, getattr(self, name), float)
+        if self.seq_len is not None and self.seq_len < 2:
+            _fail("Budget", "seq_len", self.seq_len, "must be >= 2 (next-token metrics need two)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or self.seed < 0):
+            _fail("Budget", "seed", self.seed, "must be a whole number >= 0")
+        if self.aux_coef is not None and not (isinstance(self.aux_coef, (int, float))
+                                              and self.aux_coef >= 0):
+            _fail("Budget", "aux_coef", self.aux_coef, "must be >= 0 (0 turns AuxK off)")
+        if self.cache_limit is not None:
+            self.cache_limit = str(self.cache_limit)
+            try:
+                parse_size(self.cache_limit)
+            except ValueError as err:
+                raise InvalidRequest(f"--cache-limit: {err}") from err
+
+
+PARTS: dict[str, type] = {"target": Target, "grid": Grid, "budget": Budget}
+
+# ---------------------------------------------------------------- presets
+
+_DEMO_BUDGET = dict(train_tokens=200_000, eval_tokens=8_192, seq_len=128, batch_tokens=4096,
+                    lr=1e-3, shuffle_tokens=65_536)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # `mlsae run` with no options: minutes on a 2-core CPU with the embedded model.
+    "demo": {"grid": dict(expansion_factors=[4], ks=[16], lens="off", baselines=True),
+             "budget": _DEMO_BUDGET},
+    # `mlsae sweep` with no options: a small R x k grid on the demo budget.
+    "sweep": {"grid": dict(expansion_factors=[2, 4], ks=[8, 16], lens="off", baselines=False),
+              "budget": _DEMO_BUDGET},
+    # The report's star grid; steps of 1024 tokens so FVU settles within the embedded corpus.
+    "report": {"grid": dict(expansion_factors=[2, 4, 8], ks=[8, 16, 32], base_expansion_factor=4,
+                            base_k=16, lens="both", baselines=True),
+               "budget": dict(train_tokens=2_000_000, eval_tokens=16_384, seq_len=128,
+                              batch_tokens=1024, lr=1e-3, shuffle_tokens=65_536)},
+    # The paper's recipe (SPEC 1-2).
+    "paper": {"grid": dict(expansion_factors=[64], ks=[32], lens="off", baselines=False),
+              "budget": dict(train_tokens=1_000_000_000, eval_tokens=10_000_000, seq_len=2048,
+                             batch_tokens=131_072, lr=1e-4, adam_eps=6.25e-10, k_aux=256,
+                             aux_coef=1 / 32, dead_tokens=10_000_000, shuffle_tokens=262_144)},
+}
+# Values no preset sets (None stays None where None means "all"/"auto").
+FIXED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "target": dict(model="embedded", data="embedded", text_column="text", device="auto",
+                   precision="float32"),
+    "grid": {},
+    "budget": dict(seed=0, adam_eps=6.25e-10, aux_coef=1 / 32),
+}
+
+
+@dataclass
+class RunRequest:
+    """One request: a preset, and the parts that override it (None = the preset's value)."""
+
+    preset: str = "demo"
+    """Named budget + grid: demo (minutes on a CPU), sweep, report (the report's star grid),
+    paper (the paper's recipe: R 64, k 32, 2048-token sequences, 131,072 tokens per step,
+    1B training tokens, 10M held-out tokens). Options given explicitly override it."""
+    target: Target = field(default_factory=Target)
+    grid: Grid = field(default_factory=Grid)
+    budget: Budget = field(default_factory=Budget)
+    explicit: dict[str, list[str]] = field(default_factory=dict)
+    """Set on construction: the fields of each part that were given (not from the preset)."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise InvalidRequest(f"--preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        for name, cls in PARTS.items():
+            value = getattr(self, name)
+            if value is None:
+                value = cls()
+            elif isinstance(value, dict):
+                unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+                if unknown:
+                    raise InvalidRequest(f"unknown {name} fields {unknown}: known are "
+                                         f"{[f.name for f in dataclasses.fields(cls)]}")
+                value = cls(**value)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, cls):
+                value = cls(**dataclasses.asdict(value))  # the same class from another import
+            if not self.explicit.get(name):
+                self.explicit[name] = [f.name for f in dataclasses.fields(cls)
+                                       if getattr(value, f.name) is not None]
+            fill = {**FIXED_DEFAULTS[name], **PRESETS[self.preset].get(name, {})}
+            resolved = {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)}
+            for key, default in fill.items():
+                if resolved[key] is None:
+                    resolved[key] = default
+            setattr(self, name, cls(**resolved))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset,
+                **{name: dataclasses.asdict(getattr(self, name)) for name in PARTS}}
+
+    def given(self) -> dict[str, dict[str, Any]]:
+        """Only the explicitly given fields (what a reproduce command must name)."""
+        return {name: {key: getattr(getattr(self, name), key) for key in self.explicit[name]}
+                for name in PARTS}
+
+
+# ---------------------------------------------------------------- the plan
+
+class ModelInfo(TypedDict):
+    name: str
+    """Normalised name, as stored in the `saes` table ("embedded", an absolute path or a hub id)."""
+    source: str
+    """What to load it from (a directory or a hub id)."""
+    slug: str
+    """A short name for ids and directories."""
+    n_layers: int
+    d_model: int
+    max_positions: int | None
+    vocab_size: int | None
+
+
+class SAESpec(TypedDict):
+    sae_id: str
+    role: str
+    """"mlsae" (trained on every requested layer) or "baseline" (one layer)."""
+    expansion_factor: int
+    k: int
+    layers: list[int]
+    lens: bool
+    n_latents: int
+
+
+class Plan(TypedDict):
+    """Everything a run does, derived once from a RunRequest (JSON: Prefect passes it on)."""
+
+    request: dict[str, Any]
+    model: ModelInfo
+    data: str
+    layers: list[int]
+    train_tokens: int
+    eval_tokens: int
+    seq_len: int
+    seed: int
+    lr: float
+    device: str
+    batch_tokens: int
+    budget: dict[str, Any]
+    """The resolved Budget (every field)."""
+    target: dict[str, Any]
+    specs: list[SAESpec]
+    training_source: str
+    """"cache" (extract to disk once, then train each SAE) or "stream" (one pass of the model
+    feeds every SAE; nothing on disk)."""
+    cache_bytes: int
+    """Bytes of the training activation cache (written only when training_source is cache)."""
+    cache_limit_bytes: int
+
+
+LEGACY_BATCH_TOKENS = 4096
+CHECKPOINTS_PER_RUN = 10
+REFERENCE_K_AUX = 256
+REFERENCE_DEAD_TOKENS = 10_000_000
+CACHE_BYTES_PER_VALUE = 2  # float16 cache
+LATENT_BYTES_PER_ROW = 3.2  # docs/warehouse.md: measured bytes per stored activation
+
+
+def model_slug(name: str) -> str:
+    """'EleutherAI/pythia-70m-deduped' -> 'pythia-70m-deduped'; '/x/my model' -> 'my_model'."""
+    tail = Path(name.rstrip("/")).name or name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._-")[:40] or "model"
+
+
+def normalise_model_name(model: str | None) -> str:
+    """The name the `saes` table stores for `model`, without touching the network."""
+    from mlsae.paths import EMBEDDED_MODEL_NAME
+
+    if model is None or str(model) in ("", EMBEDDED_MODEL_NAME):
+        return EMBEDDED_MODEL_NAME
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def inspect_model(model: str | None) -> ModelInfo:
+    """Resolve a model and read its shape from config.json (no weights); ModelLoadError on failure."""
+    from transformers import AutoConfig
+
+    from mlsae.models import ModelLoadError, resolve_model_source
+
+    source, name = resolve_model_source(model)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=isinstance(source, Path))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read the config of model {name!r}: {err}") from err
+    n_layers = getattr(config, "num_hidden_layers", None)
+    d_model = getattr(config, "hidden_size", None)
+    if not n_layers or not d_model:
+        raise ModelLoadError(f"model {name!r} has no num_hidden_layers/hidden_size in its config: "
+                             "only transformer language models are supported")
+    max_positions = (getattr(config, "max_position_embeddings", None)
+                     or getattr(config, "n_positions", None))
+    return ModelInfo(name=name, source=str(source), slug=model_slug(name), n_layers=int(n_layers),
+                     d_model=int(d_model), max_positions=max_positions,
+                     vocab_size=getattr(config, "vocab_size", None))
+
+
+def sae_id_for(model: ModelInfo, data: str, budget: Budget, target: Target,
+               expansion_factor: int, k: int, layers: list[int], lens: bool, role: str) -> str:
+    """A readable, deterministic id: <model>-R<R>-k<k>-<layers>[-lens]-<hash of everything>.
+
+    Settings at their historical defaults are left out of the hash, so ids of earlier
+    runs stay the same."""
+    identity: dict[str, Any] = dict(
+        model=model["name"], data=data, seq_len=budget.seq_len, train_tokens=budget.train_tokens,
+        seed=budget.seed, lr=budget.lr, expansion_factor=expansion_factor, k=k, layers=layers,
+        lens=lens)
+    if budget.batch_tokens != LEGACY_BATCH_TOKENS:
+        identity["batch_tokens"] = budget.batch_tokens
+    for name, legacy in (("k_aux", None), ("dead_tokens", None), ("aux_coef", 1 / 32),
+                         ("adam_eps", 6.25e-10)):
+        if getattr(budget, name) != legacy:
+            identity[name] = getattr(budget, name)
+    if target.text_column != "text":
+        identity["text_column"] = target.text_column
+    if target.data_config is not None:
+        identity["data_config"] = target.data_config
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    where = f"L{layers[0]}" if role == "baseline" else (
+        "all" if layers == list(range(model["n_layers"])) else "L" + "_".join(map(str, layers)))
+    return f"{model['slug']}-R{expansion_factor}-k{k}-{where}{'-lens' if lens else ''}-{digest}"
+
+
+def data_config(plan: Plan | dict, split: str, max_sequences: int | None = None):
+    """The mlsae.data.DataConfig of the plan's text (train or test split)."""
+    from mlsae.data import DataConfig
+
+    target = plan["target"]
+    return DataConfig(source=plan["data"], split=split, seq_len=plan["seq_len"],
+                      text_column=target.get("text_column") or "text",
+                      hub_config=target.get("data_config"), max_sequences=max_sequences)
+
+
+def _check_data(target: Target, problems: list[str]) -> None:
+    from mlsae.data import DataConfig, iter_documents
+
+    for split in ("train", "test"):
+        cfg = DataConfig(source=target.data, split=split, text_column=target.text_column,
+                         hub_config=target.data_config)
+        try:
+            if next(iter(iter_documents(cfg)), None) is None:
+                problems.append(f"data {target.data!r} has no documents in its {split!r} split: "
+                                "point --data at a non-empty .txt/.jsonl/.parquet file or "
+                                "directory")
+        except (ValueError, OSError) as err:
+            problems.append(f"data {target.data!r}: {err}")
+            return
+
+
+def _check_device(device: str, problems: list[str]) -> None:
+    from mlsae.models import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except (RuntimeError, ValueError) as err:
+        problems.append(f"--device {device!r}: {err}")
+        return
+    if resolved.type == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"--device {device!r} asks for CUDA but no GPU is visible: use "
+                            "--device cpu or auto")
+
+
+def cache_bytes_for(n_sequences: int, seq_len: int, n_layers: int, d_model: int) -> int:
+    """Bytes of a float16 activation cache (activations + int32 token ids + mask)."""
+    n_tokens = n_sequences * seq_len
+    return n_tokens * (n_layers * d_model * CACHE_BYTES_PER_VALUE + 5)
+
+
+def default_cache_limit(where: str | Path | None) -> int:
+    """Half the free space of the disk that holds (or will hold) the warehouse."""
+    path = Path(where or ".").expanduser().resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free // 2
+
+
+def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
+    """Every check that needs no compute, then the plan; InvalidRequest listing every problem."""
+    from mlsae.models import ModelLoadError
+
+    if not isinstance(request, RunRequest):
+        raise TypeError("make_plan needs a RunRequest")
+    target, grid, budget = request.target, request.grid, request.budget
+    problems: list[str] = []
+    try:
+        info = inspect_model(target.model)
+        _check_model_files(info)
+    except ModelLoadError as err:
+        raise InvalidRequest(f"invalid parameters: model {target.model!r}: {err}") from err
+    n_layers, d_model = info["n_layers"], info["d_model"]
+
+    if grid.layers is None:
+        chosen = list(range(n_layers))
+    else:
+        chosen = sorted(grid.layers)
+        bad = [layer for layer in chosen if not 0 <= layer < n_layers]
+        if bad:
+            problems.append(f"--layers: layers {bad} do not exist: model {info['name']!r} has "
+                            f"{n_layers} blocks, so use block indices 0..{n_layers - 1} (or "
+                            "omit --layers for all of them)")
+    star = grid.base_expansion_factor is not None or grid.base_k is not None
+    rs, ks = list(grid.expansion_factors), list(grid.ks)
+    if star:
+        if grid.base_expansion_factor is None or grid.base_k is None:
+            problems.append("a star grid needs both --base-R and --base-k")
+        else:
+            rs = sorted(set(rs) | {grid.base_expansion_factor})
+            ks = sorted(set(ks) | {grid.base_k})
+    for r in rs:
+        for k in ks:
+            n_latents = r * d_model
+            if k > n_latents:
+                problems.append(f"-k {k} > n_latents {n_latents} (expansion factor {r} x "
+                                f"d_model {d_model}): lower k or raise the expansion factor")
+    if info["max_positions"] and budget.seq_len > info["max_positions"]:
+        problems.append(f"--seq-len {budget.seq_len} exceeds the model's "
+                        f"{info['max_positions']} positions: use --seq-len "
+                        f"{info['max_positions']} or less")
+    if budget.train_tokens < budget.seq_len:
+        problems.append(f"--train-tokens {budget.train_tokens} is less than one sequence "
+                        f"(--seq-len {budget.seq_len})")
+    if budget.eval_tokens < budget.seq_len:
+        problems.append(f"--eval-tokens {budget.eval_tokens} is less than one sequence "
+                        f"(--seq-len {budget.seq_len})")
+    batch_tokens = budget.batch_tokens
+    if batch_tokens > budget.train_tokens:
+        if "batch_tokens" in request.explicit["budget"]:
+            problems.append(f"--batch-tokens {batch_tokens} exceeds --train-tokens "
+                            f"{budget.train_tokens}: lower the batch or raise the budget")
+        batch_tokens = budget.train_tokens  # the preset's batch, cut to a small budget
+    _check_device(target.device, problems)
+    if target.precision == "float16" and target.device == "cpu":
+        problems.append("--precision float16 needs a GPU: use bfloat16 or float32 on CPU")
+    _check_data(target, problems)
+    if problems:
+        raise InvalidRequest("invalid parameters:\n  - " + "\n  - ".join(problems))
+
+    budget = dataclasses.replace(budget, batch_tokens=batch_tokens)
+    lenses = {"off": [False], "on": [True], "both": [False, True]}[grid.lens]
+    specs: list[SAESpec] = []
+    for use_lens in lenses:
+        for r in rs:
+            for k in ks:
+                if star:
+                    base = (r, k) == (grid.base_expansion_factor, grid.base_k)
+                    on_axis = r == grid.base_expansion_factor or k == grid.base_k
+                    if not (base or (on_axis and not use_lens)) or (use_lens and not base):
+                        continue
+                else:
+                    base = True
+
+                def spec(role: str, spec_layers: list[int], r=r, k=k, use_lens=use_lens
+                         ) -> SAESpec:
+                    return SAESpec(
+                        sae_id=sae_id_for(info, target.data, budget, target, r, k, spec_layers,
+                                          use_lens, role),
+                        role=role, expansion_factor=r, k=k, layers=spec_layers, lens=use_lens,
+                        n_latents=r * d_model)
+                specs.append(spec("mlsae", chosen))
+                if (grid.baselines and len(chosen) > 1 and base
+                        and not (star and use_lens)):
+                    specs += [spec("baseline", [layer]) for layer in chosen]
+
+    n_sequences = -(-budget.train_tokens // budget.seq_len)
+    cache_bytes = cache_bytes_for(n_sequences, budget.seq_len, len(chosen), d_model)
+    limit = (parse_size(budget.cache_limit) if budget.cache_limit is not None
+             else default_cache_limit(out))
+    plan = Plan(
+        request=request.to_dict(), model=info, data=target.data, layers=chosen,
+        train_tokens=budget.train_tokens, eval_tokens=budget.eval_tokens, seq_len=budget.seq_len,
+        seed=budget.seed, lr=budget.lr, device=target.device, batch_tokens=batch_tokens,
+        budget=dataclasses.asdict(budget), target=dataclasses.asdict(target), specs=specs,
+        training_source="cache" if 0 < cache_bytes <= limit else "stream",
+        cache_bytes=cache_bytes, cache_limit_bytes=limit)
+    for one in specs:  # the library's own checks on the exact configs training will use
+        try:
+            train_config(plan, one)
+        except ValueError as err:
+            problems.append(f"{one['sae_id']}: {err}")
+    if problems:
+        raise InvalidRequest("invalid parameters:\n  - " + "\n  - ".join(problems))
+    return plan
+
+
+def _check_model_files(info: ModelInfo) -> None:
+    """Weight files readable (headers and sizes) before any compute, where the check exists."""
+    from mlsae import models
+
+    check = getattr(models, "check_model_files", None)
+    if check is not None and Path(info["source"]).is_dir():
+        check(info["source"])
+
+
+def sae_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None):
+    """SAEConfig of one planned autoencoder (k_aux and the dead window scale to short runs
+    unless the budget sets them)."""
+    from mlsae.sae import SAEConfig
+
+    budget, model = plan["budget"], plan["model"]
+    n_latents = spec["expansion_factor"] * model["d_model"]
+    k_aux = budget.get("k_aux") or max(1, min(REFERENCE_K_AUX, n_latents // 2))
+    dead = budget.get("dead_tokens") or max(1, min(REFERENCE_DEAD_TOKENS,
+                                                   plan["train_tokens"] // 5))
+    return SAEConfig(
+        d_model=model["d_model"], n_layers=model["n_layers"], layers=list(spec["layers"]),
+        expansion_factor=spec["expansion_factor"], k=spec["k"], k_aux=k_aux,
+        aux_coef=budget.get("aux_coef", 1 / 32), dead_tokens=dead, model=model["name"],
+        lens=lens, extra={"sae_id": spec["sae_id"], "role": spec["role"], "data": plan["data"]})
+
+
+def train_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None = None):
+    """TrainConfig of one planned autoencoder: the budget, ~10 resume checkpoints per run.
+
+    A single-layer baseline gets its own seed (seed + 1 + its layer): with the MLSAE's
+    seed it would start from the very same decoder, and MMCS between the two
+    dictionaries would measure the shared initialisation, not what they learned.
+    """
+    from mlsae.sae import TrainConfig
+
+    if lens is None and spec["lens"]:
+        lens = "tuned-lens"
+    budget = plan["budget"]
+    seed = plan["seed"] + (1 + spec["layers"][0] if spec["role"] == "baseline" else 0)
+    n_steps = max(1, plan["train_tokens"] // plan["batch_tokens"])
+    precision = plan["target"].get("precision") or "float32"
+    return TrainConfig(
+        sae=sae_config(plan, spec, lens), train_tokens=plan["train_tokens"],
+        batch_tokens=plan["batch_tokens"], lr=plan["lr"],
+        adam_eps=budget.get("adam_eps", 6.25e-10), seed=seed, device=plan["device"],
+        shuffle_tokens=budget.get("shuffle_tokens") or 65_536,
+        autocast=None if precision == "float32" else precision,
+        checkpoint_every=max(1, n_steps // CHECKPOINTS_PER_RUN))
+
+
+def run_settings(plan: Plan | dict) -> dict[str, Any]:
+    """What every step of one model needs from the plan, without the list of autoencoders
+    (so adding a config to a grid does not invalidate the cached steps of the others) and
+    without the cache limit (which changes where data comes from, not the results)."""
+    skip = {"specs", "request", "training_source", "cache_bytes", "cache_limit_bytes"}
+    settings = {key: value for key, value in plan.items() if key not in skip}
+    settings["budget"] = {k: v for k, v in plan["budget"].items() if k != "cache_limit"}
+    return settings
+
+
+def extract_config(settings: Plan | dict, split: str = "train", tokens: int | None = None):
+    """The ExtractConfig of the plan's training activations (or `tokens` of another split):
+    sequences = ceil(tokens / seq_len)."""
+    from mlsae.extract import ExtractConfig
+
+    tokens = settings["train_tokens"] if tokens is None else tokens
+    precision = settings["target"].get("precision") or "float32"
+    return ExtractConfig(
+        model=settings["model"]["name"],
+        data=data_config(settings, split), layers=list(settings["layers"]),
+        device=settings["device"], max_sequences=max(1, -(-tokens // settings["seq_len"])),
+        model_dtype="float32" if precision == "float32" else precision)
+
+
+def nest_fields(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"ks": [32], "preset": "paper", "budget": {...}} -> {"preset": ..., "grid": {"ks": [32]},
+    "budget": {...}}: flat field names go to their part; InvalidRequest names unknown keys."""
+    owners = {f.name: part for part, cls in PARTS.items() for f in dataclasses.fields(cls)}
+    nested: dict[str, Any] = {}
+    unknown = []
+    for key, value in flat.items():
+        if key == "preset":
+            nested["preset"] = value
+        elif key in PARTS:
+            nested.setdefault(key, {}).update(dict(value or {}))
+        elif key in owners:
+            nested.setdefault(owners[key], {})[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise InvalidRequest(f"unknown parameters {sorted(unknown)}: use preset, target, grid, "
+                             f"budget or one of their fields ({', '.join(sorted(owners))})")
+    return nested
