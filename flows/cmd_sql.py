@@ -145,8 +145,14 @@ def command(query: str | None, warehouse: Path | None, fmt: str, output: Path | 
 
     if fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
+        # csv quotes a field holding "\n" but not one holding only "\r", which readers then
+        # take for a line end: such rows get their text fields quoted.
+        quoted = csv.writer(sys.stdout, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         writer.writerow(columns)
-        writer.writerows([["" if (c := _cell(v)) is None else c for v in row] for row in rows])
+        for row in rows:
+            cells = ["" if (c := _cell(v)) is None else c for v in row]
+            (quoted if any(isinstance(c, str) and "\r" in c for c in cells)
+             else writer).writerow(cells)
     elif fmt == "json":
         records = [{c: _jsonable(v) for c, v in zip(columns, row, strict=True)} for row in rows]
         click.echo(json.dumps(records))
