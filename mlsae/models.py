@@ -16,13 +16,14 @@ import struct
 import threading
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers import PreTrainedTokenizerBase as Tokenizer
+from typing import TYPE_CHECKING, NamedTuple
 
 from mlsae.paths import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME
+
+if TYPE_CHECKING:  # torch and transformers are imported where used: resolving a model
+    import torch  # and checking its files (parameter validation) should not pay ~3 s
+    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 HUB_HOST = "huggingface.co"
 HUB_PROBE_SECONDS = 3.0
@@ -41,12 +42,16 @@ class LoadedModel(NamedTuple):
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """"auto" (or None) picks CUDA when available, else CPU."""
+    import torch
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    import torch
+
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -219,19 +224,18 @@ def _check_torch_bin(path: Path) -> str | None:
             "torch.save writes) and not a pickle")
 
 
-def _model_directory(source: str | Path | None) -> tuple[Path | None, str]:
-    """(local directory holding the weights, the normalised name); the directory is None
-    for a hub id that is not in the local cache (nothing on disk to check yet)."""
-    resolved, name = resolve_model_source(source)
+def _model_directory(resolved: str | Path) -> Path | None:
+    """The local directory holding the weights of a resolved source (resolve_model_source);
+    None for a hub id that is not in the local cache (nothing on disk to check yet)."""
     if isinstance(resolved, Path):
-        return resolved, name
+        return resolved
     try:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(resolved, "config.json")
     except Exception:
         hit = None
-    return (Path(hit).parent if isinstance(hit, str) else None), name
+    return Path(hit).parent if isinstance(hit, str) else None
 
 
 def check_model_files(source: str | Path | None) -> None:
@@ -242,7 +246,13 @@ def check_model_files(source: str | Path | None) -> None:
     (milliseconds). `source` is what --model takes (None/"embedded", a directory, a hub
     id: checked only when it is in the local cache). Raises ModelLoadError naming the
     file, what is wrong and the fix."""
-    directory, name = _model_directory(source)
+    resolved, name = resolve_model_source(source)
+    _check_weights(_model_directory(resolved), name, local=isinstance(resolved, Path))
+
+
+def _check_weights(directory: Path | None, name: str, local: bool) -> None:
+    """local=False (a hub id's cache): files not downloaded yet are fetched on loading, so
+    only the ones present are checked."""
     if directory is None:
         return
     fix = _weights_fix(name, directory)
@@ -257,17 +267,17 @@ def check_model_files(source: str | Path | None) -> None:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelLoadError(f"{index}: unreadable shard index ({e}). {fix}") from e
         missing = [s for s in shards if not (directory / s).is_file()]
-        if missing:
+        if missing and local:
             raise ModelLoadError(f"{directory / missing[0]}: missing ({len(missing)} of "
                                  f"{len(shards)} shards named in {index.name} missing). {fix}")
-        to_check = [directory / s for s in shards]
+        to_check = [directory / s for s in shards if (directory / s).is_file()]
         break
     else:
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (directory / single).is_file():
                 to_check = [directory / single]
                 break
-    if not to_check:
+    if not to_check and local:
         raise ModelLoadError(
             f"{directory}: no weights (model.safetensors, model-*.safetensors with "
             "model.safetensors.index.json, or pytorch_model.bin). "
@@ -286,10 +296,12 @@ def load_model(
     dtype: str | torch.dtype | None = "float32",
 ) -> LoadedModel:
     """Load a causal LM + tokenizer in eval mode; raise ModelLoadError with a fix on failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     source, name = resolve_model_source(name_or_path)
     torch_dtype = resolve_dtype(dtype)
     offline = isinstance(source, Path)
-    check_model_files(name_or_path)
+    _check_weights(_model_directory(source), name, local=offline)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(
@@ -302,7 +314,7 @@ def load_model(
             raise
         # The header check passed but the library still refused (e.g. a downloaded hub
         # model damaged after the check): name the files it reads.
-        directory, _ = _model_directory(name_or_path)
+        directory = _model_directory(source)
         where = ", ".join(str(p) for p in sorted((directory or Path(str(source))).glob(
             "*.safetensors"))) or str(source)
         raise ModelLoadError(f"could not read the weights of model {name!r} ({where}): "
