@@ -546,7 +546,7 @@ def rewrite_dictionary_sae_ids(warehouse_dir: str | os.PathLike,
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
     pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
-    pa.list_(pa.int16()): "SMALLINT[]", _SAE_ID: "VARCHAR",
+    pa.list_(pa.int16()): "SMALLINT[]",
 }
 
 
