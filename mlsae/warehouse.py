@@ -9,10 +9,13 @@ Layout (one directory per table and SAE, so two SAEs never share a file):
     <warehouse>/tokens/sae_id=<id>/part-00000.parquet
     <warehouse>/latents/sae_id=<id>/part-00000.parquet
     <warehouse>/setup.sql      (the same views for the plain duckdb CLI)
+    <warehouse>/.tmp/<table>/sae_id=<id>/   files being written (then renamed into place)
 
-Every file carries its own sae_id column (a one-entry dictionary, ~0 bytes), so a
-file is meaningful on its own; the directory name is only for people and for
-pruning. docs/warehouse.md explains the types and encodings and their measured cost.
+Table directories hold only finished Parquet files, so plain Polars / duckdb can scan
+them. Every file carries its own sae_id column (a plain string, dictionary-encoded in
+Parquet: ~0 bytes), so a file is meaningful on its own; the directory name is only for
+people and for pruning. docs/warehouse.md explains the types and encodings and their
+measured cost.
 """
 
 from __future__ import annotations
