@@ -19,7 +19,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, run_settings
+from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, run_settings, stable_plan
 from tasks.analyse import analyse_autoencoder, report_run
 from tasks.common import ensure_gpu_limit, results_dir, run_logger
 from tasks.evaluate import evaluate_autoencoder
@@ -106,7 +106,7 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
             analyses[spec["sae_id"]] = steps["analyse-autoencoder"].submit(
                 sae_id=spec["sae_id"], logged=logged, evaluated=evaluate, out=where)
     figures = steps["draw-model-figures"].submit(
-        plan=plan, cache=cache, lens=lens, trained=trained, metrics=evaluated,
+        plan=stable_plan(plan), cache=cache, lens=lens, trained=trained, metrics=evaluated,
         analyses=list(analyses.values()), out=where)
     return figures, analyses
 

@@ -22,7 +22,7 @@ from typing import Any, TypedDict
 from prefect import flow
 
 from flows.pipeline import PipelineResult, bind_tasks, resolve_out, result_of, submit_model
-from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, make_plan
+from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, make_plan, stable_plan
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.validate import InvalidParameters
 
@@ -70,7 +70,7 @@ def run_grid(plans: list[dict[str, Any]], out: str, refresh: bool = False) -> Sw
     runs = [result_of(plan, out_dir, figures, analyses) for plan, figures, analyses in submitted]
     sweep_figures = steps["draw-sweep-figures"].submit(
         analyses=[a for _, _, analyses in submitted for a in analyses.values()],
-        plans=plans, out=out).result()
+        plans=[stable_plan(plan) for plan in plans], out=out).result()
     return SweepResult(out=out, runs=runs, figures=sweep_figures["figures"])
 
 

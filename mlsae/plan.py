@@ -684,6 +684,12 @@ def run_settings(plan: Plan | dict) -> dict[str, Any]:
     return settings
 
 
+def stable_plan(plan: Plan | dict) -> dict[str, Any]:
+    """The plan without what changes from one identical run to the next (the default cache
+    limit follows the free disk space), for steps whose cache key includes the plan."""
+    return {key: value for key, value in plan.items() if key != "cache_limit_bytes"}
+
+
 def extract_config(settings: Plan | dict, split: str = "train", tokens: int | None = None):
     """The ExtractConfig of the plan's training activations (or `tokens` of another split):
     sequences = ceil(tokens / seq_len)."""

@@ -9,23 +9,31 @@ import sys
 import time
 from collections.abc import Callable
 
+from mlsae import interrupt
+
 
 class Progress:
     """Reports `done/total unit` with a rate, at most every `every_s` seconds.
 
     `initial`: units already done before this run (a resumed job): `done` starts there, so
     the total stays the whole job's, while the rate and ETA count only this run's work.
+    `stops`: update() raises mlsae.interrupt.Interrupted once a stop was requested (Ctrl-C
+    in the CLI). Loops whose writes are atomic per part keep the default; a loop with its
+    own safe point (training: checkpoint first) passes False and checks itself.
     """
 
     def __init__(self, desc: str, total: float | None = None, unit: str = "tokens",
                  every_s: float = 5.0, log: Callable[[str], None] | None = None,
-                 initial: float = 0.0):
+                 initial: float = 0.0, stops: bool = True):
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.stops = stops
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.initial = self.done = float(initial)
         self.start = self._last = time.perf_counter()
 
     def update(self, n: float, **fields: object) -> None:
+        if self.stops:
+            interrupt.check(f"{self.desc} stopped")
         self.done += n
         now = time.perf_counter()
         if now - self._last >= self.every_s:

@@ -112,14 +112,14 @@ def test_second_identical_run_hits_the_caches_and_writes_nothing(first_run):
 
 @pytest.mark.parametrize("bad, message", [
     ({"model": "no/such/model/dir"}, "does not exist"),
-    ({"ks": [100_000]}, "k=100000 > n_latents=512"),
+    ({"ks": [100_000]}, "-k 100000 > n_latents 512"),
     ({"layers": [0, 9]}, "layers [9] do not exist"),
 ])
 def test_bad_parameters_fail_the_run_before_any_compute(prefect_api, tmp_path, bad, message):
     from flows.pipeline import pipeline
 
     out = tmp_path / "warehouse"
-    params = {**request(model="embedded", **bad), "out": str(out)}
+    params = {**request(**{"model": "embedded", **bad}), "out": str(out)}
     start = time.perf_counter()
     state = pipeline(**params, return_state=True)
     assert state.is_failed()

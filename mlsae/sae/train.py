@@ -334,7 +334,8 @@ def train_many(cfgs: list[TrainConfig], source: Source, out_dirs: list[str | os.
     desc = (f"train sae ({lead.n_slots} layer{'s' * (lead.n_slots > 1)})" if n_saes == 1
             else f"train {n_saes} saes")
     progress = Progress(desc, total=n_steps * batch_tokens, unit="tokens",
-                        every_s=cfg0.log_every_s, log=log, initial=shared * batch_tokens)
+                        every_s=cfg0.log_every_s, log=log, initial=shared * batch_tokens,
+                        stops=False)
     t0 = time.perf_counter()
     for m in members:
         m.state.model.train()
