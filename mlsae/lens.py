@@ -286,7 +286,7 @@ def _hub_lens_dir(lens_id: str) -> Path:
     if not _hub_reachable():
         raise LensError(
             f"cannot download the tuned lens {lens_id!r}: the Hugging Face hub is not reachable "
-            f"from this machine. On a machine with network run `huggingface-cli download "
+            f"from this machine. On a machine with network run `hf download "
             f"{LENS_HUB_REPO} --repo-type space --include '{sub}/*' --local-dir DIR`, copy "
             f"DIR/{sub} here and pass that directory as the lens (or use the lens 'auto', "
             "which trains one locally)")

@@ -411,27 +411,49 @@ def normalise_model_name(model: str | None) -> str:
     return str(path.resolve()) if path.exists() else str(model)
 
 
-def inspect_model(model: str | None) -> ModelInfo:
-    """Resolve a model and read its shape from config.json (no weights); ModelLoadError on failure."""
+CONFIG_KEYS = {"n_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+               "d_model": ("hidden_size", "n_embd", "d_model"),
+               "max_positions": ("max_position_embeddings", "n_positions", "n_ctx"),
+               "vocab_size": ("vocab_size",)}
+"""config.json keys of each shape field, across architectures (GPT-NeoX/Llama, GPT-2, ...)."""
+
+
+def _read_config(source: str | Path, name: str) -> dict[str, Any]:
+    """The model's config.json as a dict: read directly for a local directory (no torch or
+    transformers import: validation stays under a second), else through AutoConfig."""
+    from mlsae.models import ModelLoadError
+
+    path = Path(source) / "config.json"
+    if isinstance(source, Path) or path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not read {path}: {err}: save the model again with "
+                                 "model.save_pretrained(DIR)") from err
     from transformers import AutoConfig
 
+    try:
+        return AutoConfig.from_pretrained(source).to_dict()
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read the config of model {name!r}: {err}") from err
+
+
+def inspect_model(model: str | None) -> ModelInfo:
+    """Resolve a model and read its shape from config.json (no weights); ModelLoadError on failure."""
     from mlsae.models import ModelLoadError, resolve_model_source
 
     source, name = resolve_model_source(model)
-    try:
-        config = AutoConfig.from_pretrained(source, local_files_only=isinstance(source, Path))
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not read the config of model {name!r}: {err}") from err
-    n_layers = getattr(config, "num_hidden_layers", None)
-    d_model = getattr(config, "hidden_size", None)
-    if not n_layers or not d_model:
+    raw = _read_config(source, name)
+    if "text_config" in raw and not any(k in raw for k in CONFIG_KEYS["n_layers"]):
+        raw = {**raw, **raw["text_config"]}  # multimodal wrappers keep the LM's shape there
+    shape = {field: next((raw[k] for k in keys if raw.get(k)), None)
+             for field, keys in CONFIG_KEYS.items()}
+    if not shape["n_layers"] or not shape["d_model"]:
         raise ModelLoadError(f"model {name!r} has no num_hidden_layers/hidden_size in its config: "
                              "only transformer language models are supported")
-    max_positions = (getattr(config, "max_position_embeddings", None)
-                     or getattr(config, "n_positions", None))
-    return ModelInfo(name=name, source=str(source), slug=model_slug(name), n_layers=int(n_layers),
-                     d_model=int(d_model), max_positions=max_positions,
-                     vocab_size=getattr(config, "vocab_size", None))
+    return ModelInfo(name=name, source=str(source), slug=model_slug(name),
+                     n_layers=int(shape["n_layers"]), d_model=int(shape["d_model"]),
+                     max_positions=shape["max_positions"], vocab_size=shape["vocab_size"])
 
 
 def sae_id_for(model: ModelInfo, data: str, budget: Budget, target: Target,
@@ -487,6 +509,8 @@ def _check_data(target: Target, problems: list[str]) -> None:
 
 
 def _check_device(device: str, problems: list[str]) -> None:
+    if device in ("auto", "cpu"):
+        return  # always valid; spares the torch import
     from mlsae.models import resolve_device
 
     try:

@@ -194,7 +194,7 @@ def test_mismatched_lens_errors(tiny_neox, tiny_gpt2, tmp_path):
 
 def test_hub_lens_offline_fails_fast_with_fix(tiny_neox):
     start = time.perf_counter()
-    with pytest.raises(LensError, match="not reachable.*huggingface-cli download"):
+    with pytest.raises(LensError, match="not reachable.*hf download"):
         load_basis("EleutherAI/pythia-70m-deduped", LoadedModel(tiny_neox, None, "t"))
     assert time.perf_counter() - start < 5
 
