@@ -1,6 +1,7 @@
 """Benchmark: one MLSAE training step vs the bare encoder matmul of the same shape.
 
     .venv/bin/python benchmarks/bench_train.py [--threads 2] [--steps 10] [--json out.json]
+        [--device cuda] [--dtype bfloat16]
 
 For each shape (d, n, k, examples per step), fp32, it times the full optimizer step
 (mlsae.sae.step.train_step: encoder matmul + top-k, sparse decode, FVU loss, sparse
@@ -10,7 +11,9 @@ medians (the floor is 1.0; the matmul writes into a preallocated output, the str
 floor, and the ratio to a matmul allocating its output is reported beside it), examples/s, and peak memory above the setup baseline
 (RSS high-water mark on CPU, max allocated on CUDA). Targets (issue 3): <= 2.0x at
 (256, 4096, 32, 8192) and <= 1.5x at (512, 16384, 32, 4096).
-`--breakdown` also times the step's parts; `--torch-topk` disables the compiled C
+`--dtype bfloat16|float16` runs the step's encoder matmul under that compute dtype
+(train_step's compute_dtype, as `mlsae run --precision`) and the floor matmul in it
+(default float32, unchanged). `--breakdown` also times the step's parts; `--torch-topk` disables the compiled C
 kernels (top-k, counting sort): the pure-torch fallback path, for comparison.
 """
 
@@ -45,7 +48,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def bench_shape(name: str, steps: int, device: str, breakdown: bool) -> dict:
+def bench_shape(name: str, steps: int, device: str, breakdown: bool,
+                dtype: str = "float32") -> dict:
     import torch
 
     from mlsae.sae.config import SAEConfig
@@ -53,6 +57,7 @@ def bench_shape(name: str, steps: int, device: str, breakdown: bool) -> dict:
     from mlsae.sae.step import DeadCounter, make_optimizer, train_step
 
     d, n, k, n_examples = SHAPES[name]
+    compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     n_pos = 4  # rows spread over 4 layer slots, as in a multi-layer batch
     cfg = SAEConfig(d_model=d, n_layers=n_pos, n_latents=n, k=k)
     sae = MLSAE(cfg, seed=0, device=device)
@@ -64,8 +69,8 @@ def bench_shape(name: str, steps: int, device: str, breakdown: bool) -> dict:
     pos_N = (torch.arange(n_examples) % n_pos).to(device)
     dead = DeadCounter(n, device)
     sae.init_bias(x_ND[:2048])
-    W = sae.W_enc_MD.detach().clone()
-    x_in = x_ND.clone()
+    W = sae.W_enc_MD.detach().clone().to(compute or torch.float32)
+    x_in = x_ND.clone().to(compute or torch.float32)
     cuda = device.startswith("cuda")
 
     def sync() -> None:
@@ -73,10 +78,10 @@ def bench_shape(name: str, steps: int, device: str, breakdown: bool) -> dict:
             torch.cuda.synchronize()
 
     def step() -> None:
-        train_step(sae, opt, x_ND, pos_N, n_pos, dead=dead)
+        train_step(sae, opt, x_ND, pos_N, n_pos, dead=dead, compute_dtype=compute)
         sync()
 
-    out = torch.empty(n_examples, n, device=device)
+    out = torch.empty(n_examples, n, device=device, dtype=x_in.dtype)
 
     def matmul() -> None:  # the floor: output preallocated, as the step's own buffer is
         torch.mm(x_in, W.t(), out=out)
@@ -115,7 +120,7 @@ def bench_shape(name: str, steps: int, device: str, breakdown: bool) -> dict:
     fresh_s = statistics.median(t_fresh)
     result = {
         "shape": name, "d": d, "n": n, "k": k, "examples_per_step": n_examples,
-        "device": device, "threads": torch.get_num_threads(),
+        "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
         "step_ms": round(step_s * 1e3, 1), "matmul_ms": round(mm_s * 1e3, 1),
         "ratio": round(step_s / mm_s, 3), "ratio_of_mins": round(min(t_step) / min(t_mm), 3),
         "matmul_fresh_ms": round(fresh_s * 1e3, 1), "ratio_vs_fresh_matmul": round(step_s / fresh_s, 3),
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--shapes", default="small,large")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="compute dtype of the step's encoder matmul and of the floor")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--torch-topk", action="store_true",
                         help="disable the compiled C kernels (pure-torch fallback path)")
@@ -181,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name in args.shapes.split(","):
-        r = bench_shape(name, args.steps, args.device, args.breakdown)
+        r = bench_shape(name, args.steps, args.device, args.breakdown, args.dtype)
         r["compiled_kernels"] = ckernels.available()
         results.append(r)
         ok = "OK" if r["ratio"] <= r["target"] else "ABOVE TARGET"
-        print(f"{name}: d={r['d']} n={r['n']} k={r['k']} N={r['examples_per_step']}: "
+        print(f"{name} ({r['dtype']}, {r['device']}): d={r['d']} n={r['n']} k={r['k']} N={r['examples_per_step']}: "
               f"step {r['step_ms']} ms = {r['ratio']}x matmul {r['matmul_ms']} ms "
               f"(target <= {r['target']}x, {ok}; {r['ratio_vs_fresh_matmul']}x a matmul that "
               f"allocates its output); {r['examples_per_s']:,} examples/s; "
