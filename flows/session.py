@@ -60,8 +60,20 @@ def prefect_session() -> Iterator[None]:
             yield
     finally:
         _SERVER = None
+        _drain_prefect_clients()
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _drain_prefect_clients(timeout_s: float = 10.0) -> None:
+    """Send Prefect's queued logs and events while the server is still up; otherwise its
+    background workers retry a stopped server and keep the process alive at exit."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout_s)
 
 
 @contextlib.contextmanager
@@ -79,6 +91,7 @@ def ctrl_c_stops_at_a_safe_point() -> Iterator[None]:
                 _SERVER.stop()
             os._exit(130)
         interrupt.request_stop()
+        _quiet_console_logs()
         click.echo("\nCtrl-C: stopping at the next step boundary (training writes its "
                    "checkpoint first); Ctrl-C again to quit at once.", err=True)
 
@@ -87,6 +100,19 @@ def ctrl_c_stops_at_a_safe_point() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_console_logs() -> None:
+    """After Ctrl-C, the steps that stop fail by design: keep their tracebacks out of the
+    terminal (they still reach the server's log) so the run ends with one line."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict) + [""]:
+        if name == "" or name.startswith("prefect"):
+            for handler in logging.getLogger(name).handlers:
+                if isinstance(handler, logging.StreamHandler) and not isinstance(
+                        handler, logging.FileHandler):
+                    handler.setLevel(logging.CRITICAL + 1)
 
 
 def describe_failure(err: BaseException) -> str:

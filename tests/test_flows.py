@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -443,3 +444,51 @@ def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "prefect server start" in result.stderr and "PREFECT_API_URL" in result.stderr
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_the_rerun_continues(prefect_api, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the run stops within
+    seconds after a checkpoint, with one line and no traceback; its own temporary Prefect
+    server (in its own session) is shut down cleanly; the rerun continues and ends with the
+    same tables as an uninterrupted run."""
+    from flows.pipeline import pipeline
+    from mlsae.plan import nest_fields
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / "prefect-home"),
+               HF_HUB_OFFLINE="1")
+    out, clean_out = tmp_path / "interrupted", tmp_path / "clean"
+    proc = _mlsae_run(out, env)
+    deadline = time.monotonic() + 240
+    while not _checkpoints(out):
+        assert proc.poll() is None, f"run ended before a checkpoint:\n{proc.communicate()[0]}"
+        assert time.monotonic() < deadline, "no training checkpoint within 240 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    start = time.monotonic()
+    output, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 15, output
+    assert proc.returncode not in (0, None), output
+    assert "Error: interrupted: run the same command again" in output, output
+    assert "Traceback" not in output.split("Ctrl-C: stopping")[-1], output
+    (checkpoint,) = _checkpoints(out)
+    assert not (checkpoint.parent / "sae").exists(), "stopped too late: training had finished"
+
+    resumed = _mlsae_run(out, {**env, "PREFECT_API_URL": prefect_api})
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output
+    assert "continued from the checkpoint at step" in output, output
+
+    clean_out.mkdir()
+    shutil.copytree(out / "activations", clean_out / "activations")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipeline(**nest_fields(RESUME_PARAMS), out=str(clean_out))
+    finally:
+        torch.set_num_threads(threads)
+    for query in ("SELECT sae_id, seq_id, pos, layer, latent, value FROM latents ORDER BY ALL",
+                  "SELECT * FROM layer_metrics ORDER BY ALL"):
+        assert table_rows(out, query) == table_rows(clean_out, query), query
