@@ -269,6 +269,7 @@ def real_run(args: list[str], env: dict, out: Path, log_path: Path, timeout: flo
     poller.start()
     stages: dict[str, dict] = {}
     tasks: dict[str, dict] = {}
+    points: dict[str, list[tuple[float, int]]] = {}
     done_line = None
     lines: list[str] = []
     timer = threading.Timer(timeout, proc.kill)
@@ -291,6 +292,8 @@ def real_run(args: list[str], env: dict, out: Path, log_path: Path, timeout: flo
             m = PROGRESS.search(part.strip())
             if m:
                 stage = _stage(m["desc"].strip())
+                points.setdefault(stage, []).append(
+                    (round(time.perf_counter() - t0, 1), int(m["done"].replace(",", ""))))
                 stages[stage] = {"desc": m["desc"].strip(),
                                  "done": int(m["done"].replace(",", "")),
                                  "total": int(m["total"].replace(",", "")) if m["total"] else None,
@@ -306,8 +309,18 @@ def real_run(args: list[str], env: dict, out: Path, log_path: Path, timeout: flo
             "peak_disk_bytes": max(peak["disk"], du(out)), "final_disk_bytes": du(out),
             "stages": stages, "tasks_seconds": {k: round(v["last_s"] - v["first_s"], 1)
                                                 for k, v in tasks.items()},
-            "tasks": tasks, "cli_done_line": done_line, "tail": lines[-15:] if rc else [],
+            "tasks": tasks, "cli_done_line": done_line,
+            "steady_tokens_per_s": {k: steady_rate(v) for k, v in points.items()}, "tail": lines[-15:] if rc else [],
             "loadavg_end": loadavg()}
+
+
+def steady_rate(points: list[tuple[float, int]]) -> float | None:
+    """Tokens/s between progress lines after the first third of the stage (buffer filled)."""
+    points = sorted(set(points))
+    if len(points) < 3:
+        return None
+    (t0, d0), (t1, d1) = points[len(points) // 3], points[-1]
+    return round((d1 - d0) / (t1 - t0), 1) if t1 > t0 and d1 > d0 else None
 
 
 def _stage(desc: str) -> str:
@@ -344,6 +357,12 @@ def bench_model(name: str, budget: dict, device: str, precision: str, work: Path
     load_start = loadavg()
     run = real_run(args, env, out, log_path, timeout=timeout)
     run["loadavg_start"] = load_start
+    # The floor again after the run: under shared load the better of the two is the floor.
+    fl_after = floor(model_dir, device, precision, budget["seq_len"], examples)
+    print(f"[{name}]   floor after the run: {fl_after}", flush=True)
+    fl = {**{k: max(fl[k], fl_after[k]) for k in ("forward_tokens_per_s", "sae_examples_per_s",
+                                                  "floor_train_tokens_per_s")},
+          "sae_floor_examples": examples, "before": fl, "after": fl_after}
     print(f"[{name}]   rc {run['rc']}, {run['wall_s']} s, peak RSS "
           f"{run['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     if run["rc"]:
@@ -356,6 +375,10 @@ def bench_model(name: str, budget: dict, device: str, precision: str, work: Path
     if train_task:  # the training task's wall time (first to last log line): stream + steps
         result["train_task_s"] = train_task
         result["train_wall_tokens_per_s"] = round(budget["train_tokens"] / train_task, 1)
+    steady = run["steady_tokens_per_s"].get("train")
+    if steady:
+        result["stream_steady_fraction_of_floor"] = round(
+            steady / fl["floor_train_tokens_per_s"], 3)
     if train and train["unit"] == "tokens":
         frac = train["rate"] / fl["floor_train_tokens_per_s"]
         if train_task:
@@ -370,6 +393,9 @@ def bench_model(name: str, budget: dict, device: str, precision: str, work: Path
         result["projection_hours"] = {"train_1B": round(train_h, 1),
                                       "eval_and_log_10M": round(eval_h, 1),
                                       "total": round(train_h + eval_h, 1)}
+        if steady:  # at 1B tokens the buffer fill is negligible: the steady rate projects
+            result["projection_hours"]["train_1B_steady"] = round(
+                FULL_TRAIN_TOKENS / steady / 3600, 1)
         result["projection_hours_at_floor"] = round(
             FULL_TRAIN_TOKENS / fl["floor_train_tokens_per_s"] / 3600, 1)
     return result
@@ -377,8 +403,8 @@ def bench_model(name: str, budget: dict, device: str, precision: str, work: Path
 
 def table(results: list[dict]) -> str:
     head = ("| model | budget (train/eval/batch/seq) | dry-run est. s | wall s | peak RSS GiB "
-            "| disk MB (peak/final) | train tok/s | eval tok/s | log tok/s | floor fwd tok/s "
-            "| floor SAE ex/s | floor train tok/s | stream / floor (progress; task wall) | 1B-token projection h "
+            "| disk MB (peak/final) | train tok/s (progress; steady) | eval tok/s | log tok/s | floor fwd tok/s "
+            "| floor SAE ex/s | floor train tok/s | stream / floor (progress; task wall; steady) | 1B-token projection h "
             "| load avg (start, end) |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -394,12 +420,15 @@ def table(results: list[dict]) -> str:
             f"{b['seq_len']:,} | {r['dry_run'].get('estimated_seconds', '-')} | {run['wall_s']}"
             f"{'' if run['rc'] == 0 else ' (rc ' + str(run['rc']) + ')'} "
             f"| {run['peak_rss_bytes'] / 2**30:.2f} | {run['peak_disk_bytes'] / 1e6:,.1f}/"
-            f"{run['final_disk_bytes'] / 1e6:,.1f} | {rate('train')} | {rate('eval')} | {rate('log')} "
+            f"{run['final_disk_bytes'] / 1e6:,.1f} | {rate('train')}; "
+            f"{run['steady_tokens_per_s'].get('train') or '-'} | {rate('eval')} | {rate('log')} "
             f"| {fl['forward_tokens_per_s']:,.0f} | {fl['sae_examples_per_s']:,.0f} "
             f"| {fl['floor_train_tokens_per_s']:,.0f} "
             f"| {r.get('stream_fraction_of_floor', '-')}; "
-            f"{r.get('stream_wall_fraction_of_floor', '-')} "
-            f"| {proj.get('train_1B', '-')} train + {proj.get('eval_and_log_10M', '-')} eval "
+            f"{r.get('stream_wall_fraction_of_floor', '-')}; "
+            f"{r.get('stream_steady_fraction_of_floor', '-')} "
+            f"| {proj.get('train_1B', '-')} train ({proj.get('train_1B_steady', '-')} at the "
+            f"steady rate) + {proj.get('eval_and_log_10M', '-')} eval "
             f"| {run['loadavg_start'][0]}, {run['loadavg_end'][0]} |")
     return "\n".join(rows)
 
