@@ -160,6 +160,28 @@ def test_sweep_runs_the_grid_with_a_thread_pool(first_run):
     assert all(Path(p).exists() for p in result["figures"])
 
 
+def test_streaming_pipeline_trains_every_autoencoder_in_one_pass(prefect_api, tmp_path):
+    """--cache-limit 0: no activation cache on disk; one streaming task trains the MLSAE and
+    its single-layer baselines together; every table, view and figure is there."""
+    from flows.pipeline import pipeline
+
+    out = tmp_path / "warehouse"
+    state = pipeline(**request(layers=LAYERS, cache_limit="0"), out=str(out), return_state=True)
+    result = state.result()
+    assert not (out / "activations").exists()
+    states = task_states(state.state_details.flow_run_id)
+    assert [n for n in states if n.startswith("train-autoencoders-streaming")] and not [
+        n for n in states if n.startswith(("train-autoencoder-", "extract-activations"))], states
+    assert len(result["sae_ids"]) == 1 + len(LAYERS)
+    for table in EXPECTED_TABLES:
+        assert table_rows(out, f"SELECT count(*) FROM {table}")[0][0] > 0, table
+    mlsae_id = result["mlsae_ids"][0]
+    for view in EXPECTED_VIEWS:
+        assert table_rows(out, f"SELECT count(*) FROM {view} WHERE sae_id = '{mlsae_id}'")[0][0]
+    assert table_rows(out, "SELECT count(DISTINCT sae_id) FROM layer_metrics")[0][0] == 4
+    assert {Path(p).name for p in result["figures"]} >= set(MODEL_FIGURES) | set(MLSAE_FIGURES)
+
+
 def test_pipeline_in_the_tuned_lens_basis(prefect_api, tmp_path):
     """--lens: the lens task finds (here: a quickly trained) lens for the model, the SAE
     trains in its basis and everything downstream maps back through it."""
@@ -246,9 +268,9 @@ RESUME_PARAMS = dict(expansion_factors=[16], ks=[16], train_tokens=16384, eval_t
                      seq_len=64, baselines=False)
 
 
-def _mlsae_run(out: Path, env: dict[str, str]) -> subprocess.Popen:
+def _mlsae_run(out: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
     return subprocess.Popen([str(Path(sys.executable).with_name("mlsae")), "run", *RESUME,
-                             "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                             *extra, "--out", str(out)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -257,9 +279,11 @@ def _checkpoints(out: Path) -> list[Path]:
     return list(root.rglob("checkpoint.pt")) if root.exists() else []
 
 
-def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefect_api, tmp_path):
-    import shutil
-
+@pytest.mark.parametrize("source", ["cache", "stream"])
+def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefect_api, tmp_path,
+                                                                          source):
+    """SIGKILL mid-training, rerun: the same tables as an uninterrupted run, whether training
+    reads the activation cache or streams from the model (--cache-limit 0)."""
     import torch
 
     from flows.pipeline import pipeline
@@ -269,7 +293,8 @@ def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefec
     # floating-point work and must agree bit for bit.
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1"}
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
-    proc = _mlsae_run(killed_out, env)
+    limit = "10GB" if source == "cache" else "0"
+    proc = _mlsae_run(killed_out, env, "--cache-limit", limit)
     deadline = time.monotonic() + 180
     while not _checkpoints(killed_out):
         assert proc.poll() is None, f"run ended before a checkpoint:\n{proc.communicate()[0]}"
@@ -281,7 +306,7 @@ def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefec
     assert not (checkpoint.parent / "sae").exists(), "killed too late: training had finished"
     assert not (killed_out / "latents").exists()
 
-    resumed = _mlsae_run(killed_out, env)
+    resumed = _mlsae_run(killed_out, env, "--cache-limit", limit)
     output, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, output
     assert "continued from the checkpoint at step" in output, output
@@ -289,11 +314,14 @@ def test_run_killed_mid_training_resumes_and_matches_an_uninterrupted_run(prefec
     # The uninterrupted run; extraction is deterministic, so it may start from a copy of
     # the activation cache (saves the forward passes, changes nothing).
     clean_out.mkdir()
-    shutil.copytree(killed_out / "activations", clean_out / "activations")
+    if source == "cache":
+        shutil.copytree(killed_out / "activations", clean_out / "activations")
+    else:
+        assert not (killed_out / "activations").exists()  # nothing extracted to disk
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same floating-point work as the subprocesses
     try:
-        pipeline(**nest_fields(RESUME_PARAMS), out=str(clean_out))
+        pipeline(**nest_fields({**RESUME_PARAMS, "cache_limit": limit}), out=str(clean_out))
     finally:
         torch.set_num_threads(threads)
     for query in ("SELECT sae_id, seq_id, pos, layer, latent, value FROM latents ORDER BY ALL",
