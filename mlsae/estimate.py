@@ -24,14 +24,15 @@ from mlsae.plan import (
 
 SERVER_START_S = 12.0
 """A temporary Prefect server becoming healthy (ENV.md: ~10 s)."""
-PER_TASK_S = 2.0
-"""Prefect task orchestration plus loading the model in the task."""
-FIGURES_PER_MLSAE_S = 6.0
+PER_TASK_S = 0.3
+"""Prefect's own cost per task run (the model load is measured by the probe)."""
+FIGURES_PER_MLSAE_S = 2.0
 PROBE_EXAMPLES = 4096
 
 
-def _probe_forward(plan: Plan) -> float:
-    """Seconds per token of the model's forward pass (block outputs captured)."""
+def _probe_forward(plan: Plan) -> tuple[float, float]:
+    """(seconds to load the model, seconds per token of its forward pass with the block
+    outputs captured)."""
     import torch
 
     from mlsae.hooks import capture_residuals
@@ -39,20 +40,23 @@ def _probe_forward(plan: Plan) -> float:
     from mlsae.plan import extract_config
 
     cfg = extract_config(run_settings(plan))
+    load_model(plan["model"]["name"], device=plan["device"], dtype=cfg.model_dtype)
+    start = time.perf_counter()  # a second load: what each task pays (imports done)
     loaded = load_model(plan["model"]["name"], device=plan["device"], dtype=cfg.model_dtype)
     device = next(loaded.model.parameters()).device
+    load_s = time.perf_counter() - start
     vocab = plan["model"].get("vocab_size") or 1000
     seq_len = plan["seq_len"]
     batch = max(1, min(cfg.batch_size, 8192 // seq_len))
     ids_BT = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     times = []
-    for _ in range(2):
+    for _ in range(3):
         start = time.perf_counter()
         capture_residuals(loaded.model, ids_BT.to(device), plan["layers"]).cpu()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return min(times) / (batch * seq_len)
+    return load_s, min(times) / (batch * seq_len)
 
 
 def _probe_sae_step(plan: Plan, spec: dict[str, Any]) -> float:
@@ -114,7 +118,7 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
     }
     if not probe:
         return estimate
-    s_per_token = _probe_forward(plan)
+    load_s, s_per_token = _probe_forward(plan)
     s_per_example: dict[tuple[int, int, int], float] = {}
     for spec in plan["specs"]:
         key = (spec["n_latents"], spec["k"], len(spec["layers"]))
@@ -136,14 +140,20 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
         eval_s += eval_tokens * full * passes + encode
         if s["role"] == "mlsae":  # logging the latents: one more capture pass + encode
             eval_s += eval_tokens * s_per_token + encode
-    n_tasks = 2 + len(plan["specs"]) * 2 + 2 * len(mlsaes) + 1
-    overhead = SERVER_START_S + PER_TASK_S * n_tasks + FIGURES_PER_MLSAE_S * len(mlsaes)
+    n_train_tasks = 1 if plan["training_source"] == "stream" else 1 + len(plan["specs"])
+    # Tasks that load the model: training (one streaming task, or extraction + each SAE),
+    # each evaluation and latent logging, the figures.
+    loading = n_train_tasks + len(plan["specs"]) + len(mlsaes) + 1
+    n_tasks = loading + 1 + len(mlsaes)  # + validation and each analysis
+    overhead = (SERVER_START_S + PER_TASK_S * n_tasks + load_s * loading
+                + FIGURES_PER_MLSAE_S * len(mlsaes))
     stages = {"extract_or_stream_forward": forward_s, "train_sae_steps": train_s,
               "evaluate_and_log": eval_s, "orchestration": overhead}
     estimate.update(
         estimated_seconds=round(sum(stages.values()), 1),
         stages_seconds={k: round(v, 1) for k, v in stages.items()},
         probe={"forward_tokens_per_s": round(1 / s_per_token, 1),
+               "model_load_s": round(load_s, 2),
                "sae_examples_per_s": {f"n{n}-k{k}-L{layers}": round(1 / v, 1)
                                       for (n, k, layers), v in s_per_example.items()}})
     return estimate

@@ -165,9 +165,20 @@ def test_streaming_pipeline_trains_every_autoencoder_in_one_pass(prefect_api, tm
     its single-layer baselines together; every table, view and figure is there."""
     from flows.pipeline import pipeline
 
+    from mlsae.estimate import SERVER_START_S, estimate_plan
+    from mlsae.plan import RunRequest, make_plan
+
     out = tmp_path / "warehouse"
-    state = pipeline(**request(layers=LAYERS, cache_limit="0"), out=str(out), return_state=True)
+    params = request(layers=LAYERS, cache_limit="0")
+    estimate = estimate_plan(make_plan(RunRequest(**params)))
+    assert not out.exists()  # the dry run's probe writes nothing
+    start = time.perf_counter()
+    state = pipeline(**params, out=str(out), return_state=True)
+    seconds = time.perf_counter() - start
     result = state.result()
+    # The estimate (less the temporary server this test does not start) is within 2x.
+    expected = estimate["estimated_seconds"] - SERVER_START_S
+    assert expected / 2 < seconds < expected * 2, (seconds, estimate["stages_seconds"])
     assert not (out / "activations").exists()
     states = task_states(state.state_details.flow_run_id)
     assert [n for n in states if n.startswith("train-autoencoders-streaming")] and not [
