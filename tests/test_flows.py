@@ -164,7 +164,6 @@ def test_streaming_pipeline_trains_every_autoencoder_in_one_pass(prefect_api, tm
     """--cache-limit 0: no activation cache on disk; one streaming task trains the MLSAE and
     its single-layer baselines together; every table, view and figure is there."""
     from flows.pipeline import pipeline
-
     from mlsae.estimate import SERVER_START_S, estimate_plan
     from mlsae.plan import RunRequest, make_plan
 
