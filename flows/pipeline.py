@@ -12,6 +12,8 @@ and the library steps resume from their checkpoints after a kill.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -20,6 +22,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, run_settings, stable_plan
+from mlsae.warehouse import init_warehouse
 from tasks.analyse import analyse_autoencoder, report_run
 from tasks.common import ensure_gpu_limit, results_dir, run_logger
 from tasks.evaluate import evaluate_autoencoder
@@ -60,6 +63,38 @@ def bind_tasks(out: Path, refresh: bool = False) -> dict[str, Any]:
         train_autoencoders_streaming)}
 
 
+class RunProgress:
+    """The whole run's progress: one line per finished step with the share of the run's
+    estimated work done (mlsae.estimate.step_flops), the elapsed time and an ETA. The
+    steps' own lines give their tokens/s and ETA."""
+
+    def __init__(self, flops: dict[str, float]):
+        self.flops, self.total = flops, sum(flops.values()) or 1.0
+        self.done, self.n_done = 0.0, 0
+        self.start = time.perf_counter()
+        self.log = run_logger().info
+        self.lock = threading.Lock()
+
+    def track(self, future: PrefectFuture, key: str) -> PrefectFuture:
+        future.add_done_callback(lambda f: self._finished(key))
+        return future
+
+    def _finished(self, key: str) -> None:
+        with self.lock:
+            self.done += self.flops.get(key, 0.0)
+            self.n_done += 1
+            elapsed = time.perf_counter() - self.start
+            share = self.done / self.total
+            eta = elapsed * (1 - share) / share if share > 0 else None
+            self.log("run: %d of %d steps done (%s), ~%.0f%% of the work, %s elapsed%s",
+                     self.n_done, len(self.flops), key.split(":")[0], 100 * share,
+                     _minutes(elapsed), f", ETA ~{_minutes(eta)}" if eta and share < 1 else "")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
                  ) -> tuple[PrefectFuture, dict[str, PrefectFuture]]:
     """Submit one model's whole task graph; return (figures future, analysis futures by sae_id).
@@ -71,6 +106,10 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
     when the cache would not fit the cache limit, one streaming pass of the model
     trains every autoencoder of the plan together.
     """
+    from mlsae.estimate import step_flops
+
+    progress = RunProgress(step_flops(plan))
+    track = progress.track
     settings, where = run_settings(plan), str(out)
     eval_args = dict(settings=settings, out=where)
     lens = None
@@ -79,15 +118,16 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
     cache = None
     trained_by_id: dict[str, Any] = {}
     if plan["training_source"] == "stream":
-        group = steps["train-autoencoders-streaming"].submit(
-            specs=plan["specs"], settings=settings, lens=lens, out=where)
+        group = track(steps["train-autoencoders-streaming"].submit(
+            specs=plan["specs"], settings=settings, lens=lens, out=where), "stream")
         trained_by_id = {spec["sae_id"]: group for spec in plan["specs"]}
     else:
-        cache = steps["extract-activations"].submit(settings=settings, out=where)
+        cache = track(steps["extract-activations"].submit(settings=settings, out=where),
+                      "extract")
         for spec in plan["specs"]:
-            trained_by_id[spec["sae_id"]] = steps["train-autoencoder"].submit(
+            trained_by_id[spec["sae_id"]] = track(steps["train-autoencoder"].submit(
                 spec=spec, settings=settings, cache=cache, lens=lens if spec["lens"] else None,
-                out=where)
+                out=where), f"train:{spec['sae_id']}")
     trained: list[Any] = []  # futures of one manifest, or of a streaming group's list
     evaluated: list[PrefectFuture] = []
     analyses: dict[str, PrefectFuture] = {}
@@ -97,17 +137,20 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
         trained.append(train)
         logged = None
         if spec["role"] == "mlsae":  # baselines: weights and metrics only, no latent table
-            logged = steps["log-latent-tables"].submit(trained=train, sae_id=spec["sae_id"],
-                                                       lens=spec_lens, **eval_args)
-        evaluate = steps["evaluate-autoencoder"].submit(
-            trained=train, sae_id=spec["sae_id"], logged=logged, lens=spec_lens, **eval_args)
+            logged = track(steps["log-latent-tables"].submit(
+                trained=train, sae_id=spec["sae_id"], lens=spec_lens, **eval_args),
+                f"log:{spec['sae_id']}")
+        evaluate = track(steps["evaluate-autoencoder"].submit(
+            trained=train, sae_id=spec["sae_id"], logged=logged, lens=spec_lens, **eval_args),
+            f"evaluate:{spec['sae_id']}")
         evaluated.append(evaluate)
         if logged is not None:
-            analyses[spec["sae_id"]] = steps["analyse-autoencoder"].submit(
-                sae_id=spec["sae_id"], logged=logged, evaluated=evaluate, out=where)
-    figures = steps["draw-model-figures"].submit(
+            analyses[spec["sae_id"]] = track(steps["analyse-autoencoder"].submit(
+                sae_id=spec["sae_id"], logged=logged, evaluated=evaluate, out=where),
+                f"analyse:{spec['sae_id']}")
+    figures = track(steps["draw-model-figures"].submit(
         plan=stable_plan(plan), cache=cache, lens=lens, trained=trained, metrics=evaluated,
-        analyses=list(analyses.values()), out=where)
+        analyses=list(analyses.values()), out=where), "figures")
     return figures, analyses
 
 
@@ -153,7 +196,7 @@ def pipeline(
     out_dir = resolve_out(out)
     request = RunRequest(preset=preset, target=target, grid=grid, budget=budget)
     plan = validate_parameters(request=request, out=str(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    init_warehouse(out_dir)
     if ensure_gpu_limit() is not None:
         run_logger().info("GPU work is limited by the 'mlsae-gpu' concurrency limit")
     figures, analyses = submit_model(plan, out_dir, bind_tasks(out_dir, refresh))

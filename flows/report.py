@@ -26,6 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import bind_tasks, resolve_out, submit_model
 from mlsae.plan import Budget, Grid, InvalidRequest, Plan, RunRequest, Target, make_plan
+from mlsae.warehouse import init_warehouse
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.report import ReportManifest, write_report
 from tasks.validate import InvalidParameters
@@ -99,7 +100,7 @@ def report(
     out_dir = resolve_out(out)
     request = report_request(preset, target, grid, budget)
     plan = check_report_plan(request, str(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    init_warehouse(out_dir)
     ensure_gpu_limit()
     run_logger().info("report grid: %d autoencoders on %s, %d training tokens per layer",
                       len(plan["specs"]), plan["model"]["name"], plan["train_tokens"])

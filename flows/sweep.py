@@ -23,6 +23,7 @@ from prefect import flow
 
 from flows.pipeline import PipelineResult, bind_tasks, resolve_out, result_of, submit_model
 from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, make_plan, stable_plan
+from mlsae.warehouse import init_warehouse
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.validate import InvalidParameters
 
@@ -136,7 +137,7 @@ def sweep(
         problems.append(str(err))
     if problems:
         raise InvalidParameters("\n".join(problems))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    init_warehouse(out_dir)
     slots = ensure_gpu_limit(gpu_slots)
     n_saes = sum(len(p["specs"]) for p in plans)
     run_logger().info("sweep: %d model(s), %d autoencoders, task runner %s (%d workers)%s",

@@ -207,3 +207,34 @@ def format_estimate(e: dict[str, Any]) -> str:
                                  for k, v in e["probe"]["sae_examples_per_s"].items()))
     lines.append("Nothing was written (--dry-run).")
     return "\n".join(lines)
+
+
+def step_flops(plan: Plan) -> dict[str, float]:
+    """Approximate floating-point work of each step of the run (for the whole run's ETA):
+    a transformer forward pass ~ 24 d^2 per block per token (+ 2 d V for the unembedding),
+    an SAE training step ~ 6 n d per example (encoder forward and backward dominate),
+    encoding ~ 2 n d. Keys: "extract", "stream", "train:<id>", "log:<id>", "evaluate:<id>",
+    "analyse:<id>", "figures"."""
+    model = plan["model"]
+    d, blocks = model["d_model"], model["n_layers"]
+    vocab = model.get("vocab_size") or 50_000
+    used = max(plan["layers"]) + 1
+    capture = 24 * d * d * used
+    full = 24 * d * d * blocks + 2 * d * vocab
+    train_tokens, eval_tokens = plan["train_tokens"], plan["eval_tokens"]
+    flops: dict[str, float] = {}
+    train = {s["sae_id"]: 6 * s["n_latents"] * d * train_tokens * len(s["layers"])
+             for s in plan["specs"]}
+    if plan["training_source"] == "stream":
+        flops["stream"] = capture * train_tokens + sum(train.values())
+    else:
+        flops["extract"] = capture * train_tokens
+        flops.update({f"train:{k}": v for k, v in train.items()})
+    for s in plan["specs"]:
+        encode = 2 * s["n_latents"] * d * eval_tokens * len(s["layers"])
+        flops[f"evaluate:{s['sae_id']}"] = full * eval_tokens * (1 + len(s["layers"])) + encode
+        if s["role"] == "mlsae":
+            flops[f"log:{s['sae_id']}"] = capture * eval_tokens + encode
+            flops[f"analyse:{s['sae_id']}"] = 0.01 * encode
+    flops["figures"] = 0.05 * sum(flops.values()) / max(1, len(flops))
+    return flops

@@ -14,7 +14,7 @@ import torch
 
 from mlsae.cache import ActivationCache, CacheManifest, CacheWriter, ShardArrays
 from mlsae.sae import MLSAE, SAEConfig, TrainConfig, train_sae
-from mlsae.sae.batches import BatchStream, CacheWindows, StreamWindows
+from mlsae.sae.batches import CacheWindows, DataPosition, RowSampler, StreamWindows, WindowCursor
 from mlsae.sae.evaluate import reconstruction_metrics
 
 D, L, T = 16, 3, 16
@@ -49,42 +49,48 @@ def _cache(tmp_path, shards, layers=(0, 1, 2), dtype="float16"):
     return ActivationCache.open(tmp_path / "cache")
 
 
+def _batches(windows, layer_pos, seed, n_tokens, position=DataPosition()):
+    """(rows, slots, position after) of consecutive batches of n_tokens tokens, as training
+    draws them (WindowCursor shared by the SAEs of a pass, RowSampler per SAE)."""
+    cursor, sampler = WindowCursor(windows, position), RowSampler(layer_pos, seed)
+    while (pieces := cursor.take(n_tokens)) is not None:
+        x, slot = sampler.rows(pieces)
+        yield x.float(), slot, cursor.position
+
+
 def test_batches_cover_every_unmasked_example_once_per_epoch_and_resume_exactly(tmp_path):
     shards = _shards(ids=True, dtype=np.float32)
     cache = _cache(tmp_path, shards, dtype="float32")
     n_rows = sum(int(s.mask_BT.sum()) for s in shards) * L
-    windows = CacheWindows(cache, [0, 1, 2], window_sequences=3, seed=5)
-    stream = BatchStream(windows, batch_rows=37, seed=5)
+    windows = CacheWindows(cache, None, window_sequences=3, seed=5)
+    stream = _batches(windows, [0, 1, 2], 5, n_tokens=12)
     seen, batches = [], []
     while len(seen) < 2 * n_rows:
-        batch = stream.next_batch()
+        batch = next(stream)
         batches.append(batch)
-        ids = batch.x_ND[:, 0].long()
-        assert (batch.x_ND.abs() < 1000).all()  # masked tokens never appear
-        assert torch.equal(batch.x_ND[:, 1].long(), batch.slot_N)  # slot = layer position
-        seen += ids.tolist()
+        x, slot, _ = batch
+        assert (x.abs() < 1000).all()  # masked tokens never appear
+        assert torch.equal(x[:, 1].long(), slot)  # slot = layer position
+        seen += x[:, 0].long().tolist()
     first, second = seen[:n_rows], seen[n_rows:2 * n_rows]
     assert sorted(first) == sorted(second) and len(set(first)) == n_rows  # each once per epoch
     assert first != second  # a new order each epoch
-    layers_in_first_batch = set(batches[0].slot_N.tolist())
-    assert layers_in_first_batch == {0, 1, 2}  # shuffled across layers
+    assert set(batches[0][1].tolist()) == {0, 1, 2}  # shuffled across layers
     # restart from any batch's position: the same batches follow
     for i in (0, 5, len(batches) // 2):
-        again = BatchStream(windows, 37, 5, batches[i].position)
+        again = _batches(CacheWindows(cache, None, 3, 5), [0, 1, 2], 5, 12, batches[i][2])
         for j in range(i + 1, min(i + 6, len(batches))):
-            assert torch.equal(again.next_batch().x_ND, batches[j].x_ND)
+            assert torch.equal(next(again)[0], batches[j][0])
 
 
 def test_stream_windows_select_layers_and_run_out(tmp_path):
     shards = _shards(ids=True, dtype=np.float32)
     n_tok = sum(int(s.mask_BT.sum()) for s in shards)
-    stream = BatchStream(StreamWindows(iter(shards), [2, 0], window_tokens=40), 50, seed=0)
-    rows = []
-    while (batch := stream.next_batch()) is not None:
-        rows.append(batch)
-    assert stream.exhausted and sum(b.x_ND.shape[0] for b in rows) == (2 * n_tok) // 50 * 50
-    x = torch.cat([b.x_ND for b in rows])
-    slot = torch.cat([b.slot_N for b in rows])
+    batches = list(_batches(StreamWindows(iter(shards), None, window_tokens=40), [2, 0], 0,
+                            n_tokens=25))
+    assert sum(x.shape[0] for x, _, _ in batches) == n_tok // 25 * 25 * 2  # then it ran out
+    x = torch.cat([b[0] for b in batches])
+    slot = torch.cat([b[1] for b in batches])
     assert set(x[:, 1].tolist()) == {0.0, 2.0}  # layer positions 2 and 0 only
     assert torch.equal(x[:, 1][slot == 0], torch.full(((slot == 0).sum(),), 2.0))
 

@@ -52,14 +52,6 @@ class Window(NamedTuple):
         return self.tok_N.shape[0]
 
 
-class Batch(NamedTuple):
-    x_ND: Tensor
-    """float32 rows (model basis)."""
-    slot_N: Tensor
-    position: DataPosition
-    """Where the next batch starts."""
-
-
 class Piece(NamedTuple):
     """Tokens lo..hi (in the window's unmasked-token order) of window `window` of `epoch`."""
     epoch: int
@@ -308,78 +300,3 @@ class RowSampler:
         if len(xs) == 1:
             return xs[0], slots[0]
         return torch.cat(xs), torch.cat(slots)
-
-
-class BatchStream:
-    """Fixed-size batches of shuffled rows of one SAE, starting at a DataPosition (in rows).
-
-    The windows' own layer_pos are the SAE's layers. Training uses WindowCursor + RowSampler
-    (one pass for several SAEs); this is the same order for one consumer, in rows, with any
-    batch size.
-    """
-
-    def __init__(self, windows: Windows, batch_rows: int, seed: int,
-                 position: DataPosition = DataPosition(), device: torch.device | str = "cpu",
-                 shuffle: bool = True):
-        self.windows, self.batch_rows, self.seed = windows, batch_rows, seed
-        self.device = torch.device(device)
-        self.position = DataPosition(*position)
-        self.shuffle = shuffle
-        self._iter: Iterator[tuple[int, Window]] | None = None
-        self._rows: Tensor | None = None
-        self._slots: Tensor | None = None
-        self._perm: Tensor | None = None
-        self.exhausted = False
-
-    def _load_next(self) -> bool:
-        epoch, window, offset = self.position
-        resume_window = None
-        if self._iter is None:
-            self._iter = self.windows.windows(epoch, window)
-            resume_window = window
-        empty_epochs = 0
-        while True:
-            had_rows = False
-            for w, win in self._iter:
-                n_lay = win.acts_ULD.shape[1]
-                n_rows = win.n_tokens * n_lay
-                had_rows = had_rows or n_rows > 0
-                start = offset if w == resume_window else 0
-                if n_rows == 0 or start >= n_rows:
-                    continue
-                if self.shuffle:
-                    gen = torch.Generator().manual_seed(window_seed(self.seed, epoch, w))
-                    self._perm = torch.randperm(n_rows, generator=gen)
-                else:
-                    self._perm = torch.arange(n_rows)
-                self._rows = win.acts_ULD[win.tok_N].reshape(n_rows, -1)
-                self._slots = torch.arange(n_lay).repeat(win.n_tokens)
-                self.position = DataPosition(epoch, w, start)
-                return True
-            if not self.windows.repeatable:
-                return False
-            empty_epochs = 0 if had_rows else empty_epochs + 1
-            if empty_epochs > 1:
-                raise ValueError("the training data has no unmasked tokens: check the source "
-                                 "(every token masked, or no sequences)")
-            epoch, resume_window = epoch + 1, None
-            self._iter = self.windows.windows(epoch, 0)
-
-    def next_batch(self) -> Batch | None:
-        """The next batch_rows rows, or None when a one-pass stream has run out."""
-        xs, slots = [], []
-        need = self.batch_rows
-        while need > 0:
-            window_done = self._rows is None or self.position.offset >= self._rows.shape[0]
-            if window_done and not self._load_next():
-                self.exhausted = True
-                return None
-            lo = self.position.offset
-            take = self._perm[lo:lo + need]
-            xs.append(self._rows[take])
-            slots.append(self._slots[take])
-            need -= take.numel()
-            self.position = self.position._replace(offset=lo + take.numel())
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        slot = slots[0] if len(slots) == 1 else torch.cat(slots)
-        return Batch(x.to(self.device, torch.float32), slot.to(self.device), self.position)
