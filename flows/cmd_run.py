@@ -1,9 +1,10 @@
 """`mlsae run`: the whole pipeline for one model, as a Prefect flow run.
 
 Without options it trains on the embedded model and corpus (offline, CPU,
-minutes). Prefect is imported only when the command runs, so `mlsae --help`
-stays fast; without PREFECT_API_URL Prefect starts a temporary local server
-for the run.
+minutes). The options come from mlsae/plan.py (flows/options.py); the request is
+planned and checked before Prefect is imported, so bad input fails in well under
+a second. Without PREFECT_API_URL the command starts a temporary local server
+for the run (flows/session.py).
 """
 
 from __future__ import annotations
