@@ -34,7 +34,7 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     Every step is cached in the warehouse: after a crash or Ctrl-C, rerun the
     same command and it continues; a finished grid only rewrites the report.
     """
-    from flows.report import check_report_plan, report_request
+    from mlsae.plan import check_report_plan, report_request
 
     parts, _ = split_options(fields)
     request = build_request(preset, parts)

@@ -35,7 +35,7 @@ def command(preset, out, refresh, dry_run, as_json, task_runner, max_workers, ru
     Every model is validated before anything runs; each model's activations are
     extracted once; GPU steps queue on the `mlsae-gpu` concurrency limit.
     """
-    from flows.sweep import plan_sweep
+    from mlsae.plan import plan_sweep
 
     models = list(fields.pop("model") or ["embedded"])
     parts, _ = split_options(fields)

@@ -17,7 +17,6 @@ report itself is rewritten on every run (it is cheap).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import TypedDict
 
@@ -25,11 +24,10 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import bind_tasks, resolve_out, submit_model
-from mlsae.plan import Budget, Grid, InvalidRequest, Plan, RunRequest, Target, make_plan
+from mlsae.plan import Budget, Grid, Target, check_report_plan, report_request
 from mlsae.warehouse import init_warehouse
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.report import ReportManifest, write_report
-from tasks.validate import InvalidParameters
 
 
 class ReportResult(TypedDict):
@@ -39,35 +37,6 @@ class ReportResult(TypedDict):
     report_dir: str
     sae_ids: list[str]
     seconds: float
-
-
-def report_request(preset: str = "report", target: Target | dict | None = None,
-                   grid: Grid | dict | None = None, budget: Budget | dict | None = None
-                   ) -> RunRequest:
-    """The report's request: a star grid (base R and k default to the first R and k given)."""
-    request = RunRequest(preset=preset, target=target, grid=grid, budget=budget)
-    g = request.grid
-    if g.lens == "on":
-        raise InvalidRequest("--lens on would train only the tuned-lens base config; the report "
-                             "compares with and without the lens: use --lens both (the default) "
-                             "or --lens off")
-    if g.base_expansion_factor is None or g.base_k is None:
-        request.grid = dataclasses.replace(
-            g, base_expansion_factor=g.base_expansion_factor or g.expansion_factors[0],
-            base_k=g.base_k or g.ks[0])
-    if not request.grid.baselines:
-        raise InvalidRequest("the report compares the MLSAE with single-layer SAEs: leave out "
-                             "--no-baselines")
-    return request
-
-
-def check_report_plan(request: RunRequest, out: str | None = None) -> Plan:
-    """The star grid's plan; InvalidRequest listing every problem before any compute."""
-    plan = make_plan(request, out)
-    if plan["model"]["n_layers"] < 2 or len(plan["layers"]) < 2:
-        raise InvalidParameters(f"model {plan['model']['name']!r}: a multi-layer report needs "
-                                "at least two blocks")
-    return plan
 
 
 @flow(name="mlsae-report", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True,

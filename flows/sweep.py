@@ -15,14 +15,13 @@ default), so concurrent configs queue for a GPU instead of sharing its memory.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, TypedDict
 
 from prefect import flow
 
 from flows.pipeline import PipelineResult, bind_tasks, resolve_out, result_of, submit_model
-from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, make_plan, stable_plan
+from mlsae.plan import Budget, Grid, Plan, Target, plan_sweep, stable_plan
 from mlsae.warehouse import init_warehouse
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.validate import InvalidParameters
@@ -73,26 +72,6 @@ def run_grid(plans: list[dict[str, Any]], out: str, refresh: bool = False) -> Sw
         analyses=[a for _, _, analyses in submitted for a in analyses.values()],
         plans=[stable_plan(plan) for plan in plans], out=out).result()
     return SweepResult(out=out, runs=runs, figures=sweep_figures["figures"])
-
-
-def plan_sweep(models: list[str], preset: str = "sweep", target: Target | dict | None = None,
-               grid: Grid | dict | None = None, budget: Budget | dict | None = None,
-               out: str | None = None) -> list[Plan]:
-    """One plan per model (the same grid and budget); every problem of every model listed."""
-    plans: list[Plan] = []
-    problems: list[str] = []
-    if not models:
-        raise InvalidParameters("give at least one model (--model)")
-    for model in models:
-        try:
-            request = RunRequest(preset=preset, target=target, grid=grid, budget=budget)
-            request.target = dataclasses.replace(request.target, model=model)
-            plans.append(make_plan(request, out))
-        except InvalidParameters as err:
-            problems.append(f"{model}: {err}")
-    if problems:
-        raise InvalidParameters("invalid sweep parameters:\n" + "\n".join(problems))
-    return plans
 
 
 @flow(name="mlsae-sweep", validate_parameters=True)

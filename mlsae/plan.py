@@ -648,6 +648,57 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
     return plan
 
 
+# ---------------------------------------------------------------- report and sweep plans
+
+def report_request(preset: str = "report", target: Target | dict | None = None,
+                   grid: Grid | dict | None = None, budget: Budget | dict | None = None
+                   ) -> RunRequest:
+    """The report's request: a star grid (base R and k default to the first R and k given)."""
+    request = RunRequest(preset=preset, target=target, grid=grid, budget=budget)
+    g = request.grid
+    if g.lens == "on":
+        raise InvalidRequest("--lens on would train only the tuned-lens base config; the report "
+                             "compares with and without the lens: use --lens both (the default) "
+                             "or --lens off")
+    if g.base_expansion_factor is None or g.base_k is None:
+        request.grid = dataclasses.replace(
+            g, base_expansion_factor=g.base_expansion_factor or g.expansion_factors[0],
+            base_k=g.base_k or g.ks[0])
+    if not request.grid.baselines:
+        raise InvalidRequest("the report compares the MLSAE with single-layer SAEs: leave out "
+                             "--no-baselines")
+    return request
+
+
+def check_report_plan(request: RunRequest, out: str | None = None) -> Plan:
+    """The star grid's plan; InvalidRequest listing every problem before any compute."""
+    plan = make_plan(request, out)
+    if plan["model"]["n_layers"] < 2 or len(plan["layers"]) < 2:
+        raise InvalidRequest(f"model {plan['model']['name']!r}: a multi-layer report needs "
+                                "at least two blocks")
+    return plan
+
+
+def plan_sweep(models: list[str], preset: str = "sweep", target: Target | dict | None = None,
+               grid: Grid | dict | None = None, budget: Budget | dict | None = None,
+               out: str | None = None) -> list[Plan]:
+    """One plan per model (the same grid and budget); every problem of every model listed."""
+    plans: list[Plan] = []
+    problems: list[str] = []
+    if not models:
+        raise InvalidRequest("give at least one model (--model)")
+    for model in models:
+        try:
+            request = RunRequest(preset=preset, target=target, grid=grid, budget=budget)
+            request.target = dataclasses.replace(request.target, model=model)
+            plans.append(make_plan(request, out))
+        except InvalidRequest as err:
+            problems.append(f"{model}: {err}")
+    if problems:
+        raise InvalidRequest("invalid sweep parameters:\n" + "\n".join(problems))
+    return plans
+
+
 def _check_model_files(info: ModelInfo) -> None:
     """Weight files readable (headers and sizes) before any compute, where the check exists."""
     from mlsae import models

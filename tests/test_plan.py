@@ -131,7 +131,7 @@ def test_planning_matches_the_historical_ids_and_scales_short_runs():
 
 
 def test_report_star_grid_matches_the_report():
-    from flows.report import report_request
+    from mlsae.plan import report_request
 
     plan = make_plan(report_request())
     roles = [(s["expansion_factor"], s["k"], s["lens"], s["role"]) for s in plan["specs"]]

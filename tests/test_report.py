@@ -59,7 +59,7 @@ def test_training_facts_judges_whether_fvu_settled(tmp_path):
 
 def test_report_command_names_only_given_options():
     from flows.options import command_line
-    from flows.report import report_request
+    from mlsae.plan import report_request
 
     assert command_line("report", report_request()) == "mlsae report"
     request = report_request(grid={"ks": [4, 8], "lens": "off"}, budget={"train_tokens": 1000})
