@@ -700,12 +700,11 @@ def plan_sweep(models: list[str], preset: str = "sweep", target: Target | dict |
 
 
 def _check_model_files(info: ModelInfo) -> None:
-    """Weight files readable (headers and sizes) before any compute, where the check exists."""
-    from mlsae import models
+    """The weight files are readable (headers and sizes) before any compute: a truncated
+    download is named with its fix here, not deep inside a step."""
+    from mlsae.models import check_model_files
 
-    check = getattr(models, "check_model_files", None)
-    if check is not None and Path(info["source"]).is_dir():
-        check(info["source"])
+    check_model_files(info["name"] if info["name"] == "embedded" else info["source"])
 
 
 def sae_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None):
