@@ -96,7 +96,8 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
     eval_tokens = eval_seqs * plan["seq_len"]
     mlsaes = [s for s in plan["specs"] if s["role"] == "mlsae"]
     latents_rows = sum(eval_tokens * len(s["layers"]) * s["k"] for s in mlsaes)
-    shuffle_bytes = (budget.get("shuffle_tokens") or 65_536) * n_layers * d_model \
+    shuffle_bytes = min(budget.get("shuffle_tokens") or 65_536, plan["train_tokens"]) \
+        * n_layers * d_model \
         * CACHE_BYTES_PER_VALUE
     checkpoint_bytes = sum(4 * 3 * (2 * s["n_latents"] * d_model + d_model)
                            for s in plan["specs"])
@@ -129,24 +130,37 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
     train_s = sum(plan["train_tokens"] * len(s["layers"])
                   * s_per_example[(s["n_latents"], s["k"], len(s["layers"]))]
                   for s in plan["specs"])
-    n_blocks = model["n_layers"]
+    # Evaluation runs the whole model to the logits: the capture pass's time per token,
+    # scaled by the flops of all blocks + the unembedding + the softmax/CE/KL over the
+    # vocabulary (about 20 operations per logit) against the captured blocks' flops.
+    d, blocks = model["d_model"], model["n_layers"]
+    vocab = model.get("vocab_size") or 50_000
+    used = max(plan["layers"]) + 1
+    full = s_per_token * (24 * d * d * blocks + 2 * d * vocab + 20 * vocab) / (24 * d * d * used)
     eval_s = 0.0
     for s in plan["specs"]:
         encode = eval_tokens * len(s["layers"]) * s_per_example[
             (s["n_latents"], s["k"], len(s["layers"]))] / 3
-        # Full forward passes (to the unembedding): ~ blocks/used-blocks of a capture pass.
-        full = s_per_token * n_blocks / max(1, max(plan["layers"]) + 1)
         passes = 1 + len(s["layers"])  # clean + one splice per layer
         eval_s += eval_tokens * full * passes + encode
         if s["role"] == "mlsae":  # logging the latents: one more capture pass + encode
             eval_s += eval_tokens * s_per_token + encode
+    # Figures: MMCS compares every decoder column with every other (and with the
+    # baselines'): ~2 n^2 d flops each, at the SAE probe's flop rate (~6 n d per example).
+    figures_s = 0.0
+    for s in mlsaes:
+        key = (s["n_latents"], s["k"], len(s["layers"]))
+        flop_rate = 6 * s["n_latents"] * d / s_per_example[key]
+        peers = sum(b["role"] == "baseline" and (b["expansion_factor"], b["k"], b["lens"])
+                    == (s["expansion_factor"], s["k"], s["lens"]) for b in plan["specs"])
+        figures_s += FIGURES_PER_MLSAE_S + 2 * s["n_latents"] ** 2 * d * (1 + 2 * peers) \
+            / flop_rate + 4 * full * 16  # + the Fig. 3 prompt
     n_train_tasks = 1 if plan["training_source"] == "stream" else 1 + len(plan["specs"])
     # Tasks that load the model: training (one streaming task, or extraction + each SAE),
     # each evaluation and latent logging, the figures.
     loading = n_train_tasks + len(plan["specs"]) + len(mlsaes) + 1
     n_tasks = loading + 1 + len(mlsaes)  # + validation and each analysis
-    overhead = (SERVER_START_S + PER_TASK_S * n_tasks + load_s * loading
-                + FIGURES_PER_MLSAE_S * len(mlsaes))
+    overhead = SERVER_START_S + PER_TASK_S * n_tasks + load_s * loading + figures_s
     stages = {"extract_or_stream_forward": forward_s, "train_sae_steps": train_s,
               "evaluate_and_log": eval_s, "orchestration": overhead}
     estimate.update(

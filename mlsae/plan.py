@@ -743,7 +743,8 @@ def train_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None = Non
         sae=sae_config(plan, spec, lens), train_tokens=plan["train_tokens"],
         batch_tokens=plan["batch_tokens"], lr=plan["lr"],
         adam_eps=budget.get("adam_eps", 6.25e-10), seed=seed, device=plan["device"],
-        shuffle_tokens=budget.get("shuffle_tokens") or 65_536,
+        # A buffer larger than the whole budget only makes a stream read past the budget.
+        shuffle_tokens=min(budget.get("shuffle_tokens") or 65_536, plan["train_tokens"]),
         autocast=None if precision == "float32" else precision,
         checkpoint_every=max(1, n_steps // CHECKPOINTS_PER_RUN))
 
@@ -764,9 +765,12 @@ def stable_plan(plan: Plan | dict) -> dict[str, Any]:
     return {key: value for key, value in plan.items() if key != "cache_limit_bytes"}
 
 
-def extract_config(settings: Plan | dict, split: str = "train", tokens: int | None = None):
+def extract_config(settings: Plan | dict, split: str = "train", tokens: int | None = None,
+                   stream: bool = False):
     """The ExtractConfig of the plan's training activations (or `tokens` of another split):
-    sequences = ceil(tokens / seq_len)."""
+    sequences = ceil(tokens / seq_len). For the training stream (`stream`) the data is not
+    cut there: special tokens (masked) give no examples, so a stream of exactly that many
+    sequences would run out before the last step; training stops at its budget instead."""
     from mlsae.extract import ExtractConfig
 
     tokens = settings["train_tokens"] if tokens is None else tokens
@@ -774,7 +778,8 @@ def extract_config(settings: Plan | dict, split: str = "train", tokens: int | No
     return ExtractConfig(
         model=settings["model"]["name"],
         data=data_config(settings, split), layers=list(settings["layers"]),
-        device=settings["device"], max_sequences=max(1, -(-tokens // settings["seq_len"])),
+        device=settings["device"],
+        max_sequences=None if stream else max(1, -(-tokens // settings["seq_len"])),
         model_dtype="float32" if precision == "float32" else precision)
 
 

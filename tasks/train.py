@@ -103,10 +103,14 @@ def train_autoencoders_streaming(specs: list[dict[str, Any]], settings: dict,
                       cfgs[0].n_steps, cfgs[0].batch_tokens)
     start = time.perf_counter()
     with gpu_slot(settings["device"]):
-        results = train_many(cfgs, ActivationStream(extract_config(settings), loaded), run_dirs,
+        results = train_many(cfgs, ActivationStream(extract_config(settings, stream=True), loaded), run_dirs,
                              bases=[basis if spec["lens"] else None for spec in specs],
                              source_layers=list(settings["layers"]),
                              progress_log=progress_log(), should_stop=stop_requested)
     seconds = time.perf_counter() - start
+    if results and results[0].data_exhausted:
+        run_logger().warning("the training text ran out after %d of %d steps: give more text "
+                             "(--data) or a smaller --train-tokens", results[0].steps,
+                             cfgs[0].n_steps)
     return [_manifest(spec, settings, run_dir, result, seconds)
             for spec, run_dir, result in zip(specs, run_dirs, results, strict=True)]
