@@ -768,9 +768,10 @@ def stable_plan(plan: Plan | dict) -> dict[str, Any]:
 def extract_config(settings: Plan | dict, split: str = "train", tokens: int | None = None,
                    stream: bool = False):
     """The ExtractConfig of the plan's training activations (or `tokens` of another split):
-    sequences = ceil(tokens / seq_len). For the training stream (`stream`) the data is not
-    cut there: special tokens (masked) give no examples, so a stream of exactly that many
-    sequences would run out before the last step; training stops at its budget instead."""
+    sequences = ceil(tokens / seq_len). The training stream (`stream`) gets 5% and one
+    sequence more: special tokens (masked) give no examples, so a stream of exactly that
+    many sequences would run out before the last step; training stops at its budget, and
+    the margin bounds what the last shuffle window forwards past it."""
     from mlsae.extract import ExtractConfig
 
     tokens = settings["train_tokens"] if tokens is None else tokens
@@ -779,7 +780,8 @@ def extract_config(settings: Plan | dict, split: str = "train", tokens: int | No
         model=settings["model"]["name"],
         data=data_config(settings, split), layers=list(settings["layers"]),
         device=settings["device"],
-        max_sequences=None if stream else max(1, -(-tokens // settings["seq_len"])),
+        max_sequences=(-(-tokens * 105 // (100 * settings["seq_len"])) + 1 if stream
+                       else max(1, -(-tokens // settings["seq_len"]))),
         model_dtype="float32" if precision == "float32" else precision)
 
 
