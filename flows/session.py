@@ -55,14 +55,37 @@ def prefect_session() -> Iterator[None]:
         shutil.rmtree(workdir, ignore_errors=True)
         raise click.ClickException(f"the temporary Prefect server did not start: {err}") from err
     _SERVER = server
+    previous_env = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url  # for subprocesses and new settings
     try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
+        with temporary_settings({PREFECT_API_URL: server.api_url}), \
+                _global_settings(server.api_url):
             yield
     finally:
+        if previous_env is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous_env
         _SERVER = None
         _drain_prefect_clients()
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _global_settings(api_url: str) -> Iterator[None]:
+    """Make the server visible to threads that did not copy this context (Prefect's own
+    workers): without it, a task thread found no API URL and started Prefect's ephemeral
+    server beside ours. Prefect's test harness does the same (an internal of 3.8; skipped
+    if it is gone)."""
+    import prefect.context
+
+    replace = getattr(prefect.context, "_temporary_global_settings_context", None)
+    if replace is None:
+        yield
+        return
+    with replace(prefect.context.get_settings_context()):
+        yield
 
 
 def _drain_prefect_clients(timeout_s: float = 10.0) -> None:
