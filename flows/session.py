@@ -172,12 +172,11 @@ def call_flow(flow_fn, **params):
 
 
 def fail_fast(fn, *args, **kwargs):
-    """Call a planning function; its InvalidRequest/ValueError is a one-line click error."""
-    from mlsae.plan import InvalidRequest
-
+    """Call a planning or estimating function; a bad request (InvalidRequest, or a model,
+    data or file problem the library reports as ValueError/OSError) is one Error: line."""
     try:
         return fn(*args, **kwargs)
-    except InvalidRequest as err:
+    except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
 
 

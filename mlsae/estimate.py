@@ -39,6 +39,12 @@ def _probe_forward(plan: Plan) -> tuple[float, float]:
     from mlsae.models import load_model
     from mlsae.plan import extract_config
 
+    try:  # the dry run prints the plan, not transformers' weight-loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
     cfg = extract_config(run_settings(plan))
     load_model(plan["model"]["name"], device=plan["device"], dtype=cfg.model_dtype)
     start = time.perf_counter()  # a second load: what each task pays (imports done)
