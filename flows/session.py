@@ -59,7 +59,7 @@ def prefect_session() -> Iterator[None]:
     os.environ["PREFECT_API_URL"] = server.api_url  # for subprocesses and new settings
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}), \
-                _global_settings(server.api_url):
+                _global_settings():
             yield
     finally:
         if previous_env is None:
@@ -73,7 +73,7 @@ def prefect_session() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _global_settings(api_url: str) -> Iterator[None]:
+def _global_settings() -> Iterator[None]:
     """Make the server visible to threads that did not copy this context (Prefect's own
     workers): without it, a task thread found no API URL and started Prefect's ephemeral
     server beside ours. Prefect's test harness does the same (an internal of 3.8; skipped
