@@ -162,3 +162,48 @@ def splice_forward(model: nn.Module, input_ids_BT: Tensor, layer: int,
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def final_hidden_states(model: nn.Module, input_ids_BT: Tensor, layer: int | None = None,
+                        replace: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The base model's last hidden state [B, T, D] (final norm applied: what the unembedding
+    reads), optionally with block `layer`'s output replaced as in splice_forward. Unlike the
+    logits [B, T, V] it is small, so evaluation can unembed it in chunks of positions."""
+    base = getattr(model, "base_model", model)
+    handle = None
+    if layer is not None and replace is not None:
+        (layer,) = check_layers(model, [layer])
+
+        def hook(_module: nn.Module, _args: object, output: object) -> object:
+            h_BTD = _hidden(output)
+            new_BTD = replace(h_BTD).to(h_BTD.dtype)
+            return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
+
+        handle = get_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            return base(input_ids=input_ids_BT.to(_device(model)),
+                        use_cache=False).last_hidden_state
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def unembedding(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """h -> logits such that unembedding(final_hidden_states(ids)) == model(ids).logits, or
+    None when this model's logits are not just its output embedding of the last hidden
+    state (e.g. a logit scale or soft cap): checked once per model on a short input."""
+    cached = getattr(model, "_mlsae_unembedding_ok", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(model, "base_model"):
+        return None
+    if cached is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+        ids = torch.arange(8).remainder(vocab).unsqueeze(0)
+        with torch.inference_mode():
+            full = model(input_ids=ids.to(_device(model)), use_cache=False).logits
+            mine = head(final_hidden_states(model, ids))
+        cached = bool(full.shape == mine.shape and torch.allclose(
+            full.float(), mine.float(), rtol=1e-4, atol=1e-4 * float(full.abs().max())))
+        model._mlsae_unembedding_ok = cached
+    return head if cached else None

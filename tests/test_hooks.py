@@ -135,3 +135,23 @@ def test_generic_fallback_finds_blocks(tiny_neox):
 
     wrapped = Wrapped(tiny_neox)
     assert get_blocks(wrapped) is tiny_neox.gpt_neox.layers
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unembedding_of_the_final_hidden_state_is_the_logits(arch, request):
+    """Evaluation unembeds chunks of the last hidden state instead of holding [B, T, V]
+    logits: for every supported architecture that gives the model's own logits, spliced or
+    not."""
+    from mlsae.hooks import final_hidden_states, unembedding
+
+    model = request.getfixturevalue(arch)
+    ids_BT = _ids(seed=3)
+    unembed = unembedding(model)
+    assert unembed is not None
+    with torch.inference_mode():
+        clean_BTV = model(input_ids=ids_BT).logits
+        assert torch.allclose(unembed(final_hidden_states(model, ids_BT)), clean_BTV, atol=1e-5)
+        noisy = lambda h: h + 0.5 * torch.randn(h.shape, generator=torch.Generator().manual_seed(0))  # noqa: E731
+        spliced_BTV = splice_forward(model, ids_BT, 1, noisy)
+        mine_BTV = unembed(final_hidden_states(model, ids_BT, 1, noisy))
+    assert torch.allclose(mine_BTV, spliced_BTV, atol=1e-5)

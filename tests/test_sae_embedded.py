@@ -131,3 +131,22 @@ def test_embedded_model_multi_and_single_layer_training_lower_held_out_fvu(tmp_p
     assert [m.layer for m in metrics] == list(range(n_layers))
     assert all(m.kl > 0 and math.isfinite(m.delta_ce) for m in metrics)
     assert mean_over_layers(metrics).fvu < 0.6
+
+
+def test_chunked_logits_evaluation_equals_whole_logits(tiny_loaded, tmp_path):
+    """delta CE and KL from chunks of positions (bounded memory: here one position at a
+    time) equal the whole-logits computation."""
+    from mlsae.sae import MLSAE
+
+    model = tiny_loaded.model
+    sae = MLSAE(SAEConfig(d_model=model.config.hidden_size,
+                          n_layers=model.config.num_hidden_layers, expansion_factor=2, k=4,
+                          k_aux=8),
+                seed=0)
+    data = DataConfig(split="test", seq_len=32, max_sequences=6)
+    whole = evaluate_sae(sae, tiny_loaded, data, batch_size=4, chunk_logits=False)
+    chunked = evaluate_sae(sae, tiny_loaded, data, batch_size=4, logits_budget_bytes=1)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.fvu == b.fvu and a.l0 == b.l0
+        assert b.delta_ce == pytest.approx(a.delta_ce, rel=1e-6, abs=1e-9)
+        assert b.kl == pytest.approx(a.kl, rel=1e-6, abs=1e-9)

@@ -51,18 +51,50 @@ class CeKlSums(NamedTuple):
     count: int
 
 
-def next_token_ce_kl(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, tokens_BT: Tensor,
-                     count_BT: Tensor) -> CeKlSums:
-    """Sums over positions t < T-1 with count_BT[:, t] of CE(clean), CE(spliced), KL(clean||spliced)."""
-    lp_c = torch.log_softmax(logits_clean_BTV[:, :-1].float(), dim=-1)
-    lp_s = torch.log_softmax(logits_spliced_BTV[:, :-1].float(), dim=-1)
-    target = tokens_BT[:, 1:].to(lp_c.device, torch.long).unsqueeze(-1)
-    w = count_BT[:, :-1].to(lp_c.device, torch.float64)
+def _ce_kl_sums(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, target_BT: Tensor,
+                w_BT: Tensor) -> CeKlSums:
+    """Sums of CE(clean), CE(spliced) and KL(clean||spliced) over positions weighted by w."""
+    lp_c = torch.log_softmax(logits_clean_BTV.float(), dim=-1)
+    lp_s = torch.log_softmax(logits_spliced_BTV.float(), dim=-1)
+    target = target_BT.to(lp_c.device, torch.long).unsqueeze(-1)
+    w = w_BT.to(lp_c.device, torch.float64)
     ce_c = -lp_c.gather(-1, target).squeeze(-1).double()
     ce_s = -lp_s.gather(-1, target).squeeze(-1).double()
     kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1).double()
     return CeKlSums(float((ce_c * w).sum()), float((ce_s * w).sum()), float((kl * w).sum()),
                     int(w.sum()))
+
+
+def next_token_ce_kl(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, tokens_BT: Tensor,
+                     count_BT: Tensor) -> CeKlSums:
+    """Sums over positions t < T-1 with count_BT[:, t] of CE(clean), CE(spliced), KL(clean||spliced)."""
+    return _ce_kl_sums(logits_clean_BTV[:, :-1], logits_spliced_BTV[:, :-1], tokens_BT[:, 1:],
+                       count_BT[:, :-1])
+
+
+LOGITS_BUDGET_BYTES = 256 * 2**20
+"""Evaluation unembeds at most about this many bytes of float32 logits at once."""
+
+
+def chunked_ce_kl(unembed: Callable[[Tensor], Tensor], h_clean_BTD: Tensor,
+                  h_spliced: dict[int, Tensor], tokens_BT: Tensor, count_BT: Tensor,
+                  vocab: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> dict[int, CeKlSums]:
+    """next_token_ce_kl for several spliced runs (by layer) from last hidden states, unembedding
+    a chunk of positions at a time: the clean chunk once, then each layer's. Memory: about
+    six [B, chunk, V] float32 tensors, with chunk chosen to fit `budget_bytes`."""
+    n_b, n_t = tokens_BT.shape
+    chunk = max(1, budget_bytes // (6 * 4 * n_b * vocab))
+    sums = {layer: [0.0, 0.0, 0.0, 0] for layer in h_spliced}
+    for t0 in range(0, n_t - 1, chunk):
+        t1 = min(n_t - 1, t0 + chunk)
+        clean = unembed(h_clean_BTD[:, t0:t1])
+        for layer, h_BTD in h_spliced.items():
+            part = _ce_kl_sums(clean, unembed(h_BTD[:, t0:t1]), tokens_BT[:, t0 + 1:t1 + 1],
+                               count_BT[:, t0:t1])
+            total = sums[layer]
+            for i, value in enumerate(part):
+                total[i] += value
+    return {layer: CeKlSums(*total) for layer, total in sums.items()}
 
 
 class LayerAccumulator:
@@ -142,16 +174,26 @@ def _check_split(data: Any) -> None:
 @torch.no_grad()
 def evaluate_sae(sae: MLSAE, loaded: Any, data: Any, basis: Any = None, *,
                  batch_size: int = 8, max_tokens: int | None = None, splice: bool = True,
-                 progress_log: Callable[[str], None] | None = None) -> list[LayerMetrics]:
+                 progress_log: Callable[[str], None] | None = None, chunk_logits: bool = True,
+                 logits_budget_bytes: int = LOGITS_BUDGET_BYTES) -> list[LayerMetrics]:
     """Metrics per SAE layer on the held-out split `data` (a DataConfig with split="test").
 
     loaded: a LoadedModel (mlsae.models). The SAE is moved to the model's device.
     max_tokens: evaluate on the first ceil(max_tokens / seq_len) sequences (None: all).
     splice=False skips the spliced forward passes (delta_ce and kl are then NaN).
+    chunk_logits: compute CE/KL from the last hidden states, unembedding chunks of positions
+      (at most ~logits_budget_bytes of logits alive; a [8, 2048, 50304] float32 batch would
+      be 3.3 GB per tensor); models whose logits are not plain unembeddings use whole logits.
     Use mean_over_layers(result) for the averages.
     """
     from mlsae.data import load_sequences, special_token_mask
-    from mlsae.hooks import capture_residuals, check_layers, splice_forward
+    from mlsae.hooks import (
+        capture_residuals,
+        check_layers,
+        final_hidden_states,
+        splice_forward,
+        unembedding,
+    )
 
     _check_split(data)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -168,6 +210,8 @@ def evaluate_sae(sae: MLSAE, loaded: Any, data: Any, basis: Any = None, *,
     cfg = sae.cfg
     accs = {layer: LayerAccumulator(layer, cfg.d_model, cfg.n_latents, cfg.act_threshold)
             for layer in layers}
+    unembed = unembedding(model) if splice and chunk_logits else None
+    vocab = int(model.get_output_embeddings().weight.shape[0]) if unembed is not None else 0
     progress = Progress("evaluate sae", total=float(mask_BT.sum()), unit="tokens",
                         log=progress_log)
     for b0 in range(0, tokens_BT.shape[0], batch_size):
@@ -182,20 +226,30 @@ def evaluate_sae(sae: MLSAE, loaded: Any, data: Any, basis: Any = None, *,
                 x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
                 accs[layer].add_reconstruction(x_ND, x_hat, acts, idx)
         else:
-            clean = model(input_ids=ids, use_cache=False).logits
-            for layer in layers:
+            def replace_at(layer: int, mask: Tensor = mask) -> Callable[[Tensor], Tensor]:
                 acc = accs[layer]
 
-                def replace(h_BTD: Tensor, acc=acc, layer=layer, mask=mask) -> Tensor:
+                def replace(h_BTD: Tensor) -> Tensor:
                     x_ND = h_BTD[mask].float()
                     x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
                     acc.add_reconstruction(x_ND, x_hat, acts, idx)
                     out = h_BTD.clone()
                     out[mask] = x_hat.to(h_BTD.dtype)
                     return out
+                return replace
 
-                spliced = splice_forward(model, ids, layer, replace)
-                acc.add_ce_kl(next_token_ce_kl(clean, spliced, ids, mask))
+            if unembed is not None:  # bounded memory: hidden states, logits in chunks
+                h_clean = final_hidden_states(model, ids)
+                h_spliced = {layer: final_hidden_states(model, ids, layer, replace_at(layer))
+                             for layer in layers}
+                for layer, sums in chunked_ce_kl(unembed, h_clean, h_spliced, ids, mask,
+                                                 vocab, logits_budget_bytes).items():
+                    accs[layer].add_ce_kl(sums)
+            else:  # a model whose logits are more than its unembedding: whole logits
+                clean = model(input_ids=ids, use_cache=False).logits
+                for layer in layers:
+                    spliced = splice_forward(model, ids, layer, replace_at(layer))
+                    accs[layer].add_ce_kl(next_token_ce_kl(clean, spliced, ids, mask))
         progress.update(float(mask.sum()))
     result = [accs[layer].result() for layer in layers]
     mean = mean_over_layers(result)
