@@ -36,7 +36,7 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     """
     from mlsae.plan import check_report_plan, report_request
 
-    parts, _ = split_options(fields)
+    parts = split_options(fields)
     request = build_request(preset, parts)
     request = fail_fast(report_request, preset, **request.given())
     plan = fail_fast(check_report_plan, request, out)

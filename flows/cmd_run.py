@@ -16,9 +16,7 @@ from pathlib import Path
 import click
 
 from flows.options import build_request, run_options, split_options
-from flows.session import call_flow, fail_fast, prefect_defaults
-
-__all__ = ["call_flow", "prefect_defaults", "print_outputs", "print_plan"]
+from flows.session import call_flow, fail_fast
 
 
 def print_plan(plans: list, as_json: bool, probe: bool = True) -> None:
@@ -86,7 +84,7 @@ def command(preset, out, refresh, dry_run, as_json, **fields) -> None:
     """
     from mlsae.plan import make_plan
 
-    parts, _ = split_options(fields)
+    parts = split_options(fields)
     request = build_request(preset, parts)
     plan = fail_fast(make_plan, request, out)
     if dry_run:

@@ -38,7 +38,7 @@ def command(preset, out, refresh, dry_run, as_json, task_runner, max_workers, ru
     from mlsae.plan import plan_sweep
 
     models = list(fields.pop("model") or ["embedded"])
-    parts, _ = split_options(fields)
+    parts = split_options(fields)
     request = build_request(preset, parts)
     if max_workers < 1:
         raise click.BadParameter(f"{max_workers}: give 1 or more", param_hint="--max-workers")

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from mlsae.plan import PARTS, PRESETS, InvalidRequest, RunRequest, field_docs
+from mlsae.plan import PARTS, PRESETS, InvalidRequest, RunRequest, field_docs, nest_fields
 
 COMMON_OPTIONS = ("preset", "out", "refresh", "dry_run", "as_json")
 """Options every run-like command has besides the request fields."""
@@ -105,24 +105,16 @@ def run_options(command: str, multiple_models: bool = False) -> Callable:
     return decorate
 
 
-def split_options(values: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Click values -> ({part: {field: value}} of the given fields, the other options)."""
+def split_options(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Click values of the request fields -> {part: {field: value}} of the given ones."""
     values = dict(values)
     if values.pop("no_lens", False):
         if values.get("lens") not in (None, "off"):
             raise click.UsageError("--lens and --no-lens contradict each other: give one")
         values["lens"] = "off"
-    parts: dict[str, dict[str, Any]] = {name: {} for name in PARTS}
-    owners = {f.name: part for part, cls in PARTS.items() for f in dataclasses.fields(cls)}
-    rest: dict[str, Any] = {}
-    for name, value in values.items():
-        if name in owners:
-            if value is None or value == ():
-                continue
-            parts[owners[name]][name] = list(value) if isinstance(value, tuple) else value
-        else:
-            rest[name] = value
-    return parts, rest
+    given = {name: list(value) if isinstance(value, tuple) else value
+             for name, value in values.items() if value is not None and value != ()}
+    return nest_fields(given)
 
 
 def build_request(preset: str, parts: dict[str, dict[str, Any]]) -> RunRequest:

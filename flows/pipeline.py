@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from mlsae.estimate import format_duration, step_flops
 from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, run_settings, stable_plan
 from mlsae.warehouse import init_warehouse
 from tasks.analyse import analyse_autoencoder, report_run
@@ -88,11 +89,8 @@ class RunProgress:
             eta = elapsed * (1 - share) / share if share > 0 else None
             self.log("run: %d of %d steps done (%s), ~%.0f%% of the work, %s elapsed%s",
                      self.n_done, len(self.flops), key.split(":")[0], 100 * share,
-                     _minutes(elapsed), f", ETA ~{_minutes(eta)}" if eta and share < 1 else "")
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+                     format_duration(elapsed),
+                     f", ETA ~{format_duration(eta)}" if eta and share < 1 else "")
 
 
 def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
@@ -106,7 +104,6 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
     when the cache would not fit the cache limit, one streaming pass of the model
     trains every autoencoder of the plan together.
     """
-    from mlsae.estimate import step_flops
 
     progress = RunProgress(step_flops(plan))
     track = progress.track

@@ -96,15 +96,14 @@ def _probe_sae_step(plan: Plan, spec: dict[str, Any]) -> float:
 
 def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
     """The plan's cost as one JSON-able dict (what `--dry-run --json` prints)."""
-    model, budget = plan["model"], plan["budget"]
+    model = plan["model"]
     n_layers, d_model = len(plan["layers"]), model["d_model"]
     eval_seqs = -(-plan["eval_tokens"] // plan["seq_len"])
     eval_tokens = eval_seqs * plan["seq_len"]
     mlsaes = [s for s in plan["specs"] if s["role"] == "mlsae"]
     latents_rows = sum(eval_tokens * len(s["layers"]) * s["k"] for s in mlsaes)
-    shuffle_bytes = min(budget.get("shuffle_tokens") or 65_536, plan["train_tokens"]) \
-        * n_layers * d_model \
-        * CACHE_BYTES_PER_VALUE
+    shuffle_tokens = train_config(plan, plan["specs"][0]).shuffle_tokens
+    shuffle_bytes = shuffle_tokens * n_layers * d_model * CACHE_BYTES_PER_VALUE
     checkpoint_bytes = sum(4 * 3 * (2 * s["n_latents"] * d_model + d_model)
                            for s in plan["specs"])
     estimate: dict[str, Any] = {
@@ -189,7 +188,7 @@ def _bytes(n: float | None) -> str:
     return f"{n:,.1f} PB"
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     if seconds < 120:
@@ -219,9 +218,9 @@ def format_estimate(e: dict[str, Any]) -> str:
                      f"({s['n_latents']:,} latents), k {s['k']}, layers {s['layers']}"
                      f"{', tuned lens' if s['lens'] else ''}")
     if e["estimated_seconds"] is not None:
-        stages = ", ".join(f"{k.replace('_', ' ')} {_duration(v)}"
+        stages = ", ".join(f"{k.replace('_', ' ')} {format_duration(v)}"
                            for k, v in e["stages_seconds"].items())
-        lines.append(f"  estimated wall time: {_duration(e['estimated_seconds'])} ({stages})")
+        lines.append(f"  estimated wall time: {format_duration(e['estimated_seconds'])} ({stages})")
         lines.append(f"  probe: forward {e['probe']['forward_tokens_per_s']:,.0f} tokens/s; SAE "
                      + ", ".join(f"{k} {v:,.0f} examples/s"
                                  for k, v in e["probe"]["sae_examples_per_s"].items()))

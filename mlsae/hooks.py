@@ -7,6 +7,7 @@ Llama-style models and, through a fallback search, most other decoder stacks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -133,12 +134,9 @@ def capture_residuals(model: nn.Module, input_ids_BT: Tensor,
     return torch.stack([captured[layer] for layer in layers], dim=2)
 
 
-def splice_forward(model: nn.Module, input_ids_BT: Tensor, layer: int,
-                   replace: Callable[[Tensor], Tensor]) -> Tensor:
-    """Logits [B, T, V] with block `layer`'s output hidden state replaced by `replace(h_BTD)`.
-
-    An identity `replace` gives exactly the clean logits (the same tensor flows on).
-    """
+@contextlib.contextmanager
+def _spliced(model: nn.Module, layer: int, replace: Callable[[Tensor], Tensor]):
+    """While inside, block `layer`'s output hidden state is replaced by `replace(h_BTD)`."""
     (layer,) = check_layers(model, [layer])
 
     def hook(_module: nn.Module, _args: object, output: object) -> object:
@@ -154,10 +152,19 @@ def splice_forward(model: nn.Module, input_ids_BT: Tensor, layer: int,
 
     handle = get_blocks(model)[layer].register_forward_hook(hook)
     try:
-        with torch.inference_mode():
-            return model(input_ids=input_ids_BT.to(_device(model)), use_cache=False).logits
+        yield
     finally:
         handle.remove()
+
+
+def splice_forward(model: nn.Module, input_ids_BT: Tensor, layer: int,
+                   replace: Callable[[Tensor], Tensor]) -> Tensor:
+    """Logits [B, T, V] with block `layer`'s output hidden state replaced by `replace(h_BTD)`.
+
+    An identity `replace` gives exactly the clean logits (the same tensor flows on).
+    """
+    with _spliced(model, layer, replace), torch.inference_mode():
+        return model(input_ids=input_ids_BT.to(_device(model)), use_cache=False).logits
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -170,23 +177,10 @@ def final_hidden_states(model: nn.Module, input_ids_BT: Tensor, layer: int | Non
     reads), optionally with block `layer`'s output replaced as in splice_forward. Unlike the
     logits [B, T, V] it is small, so evaluation can unembed it in chunks of positions."""
     base = getattr(model, "base_model", model)
-    handle = None
-    if layer is not None and replace is not None:
-        (layer,) = check_layers(model, [layer])
-
-        def hook(_module: nn.Module, _args: object, output: object) -> object:
-            h_BTD = _hidden(output)
-            new_BTD = replace(h_BTD).to(h_BTD.dtype)
-            return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
-
-        handle = get_blocks(model)[layer].register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            return base(input_ids=input_ids_BT.to(_device(model)),
-                        use_cache=False).last_hidden_state
-    finally:
-        if handle is not None:
-            handle.remove()
+    splice = (_spliced(model, layer, replace) if layer is not None and replace is not None
+              else contextlib.nullcontext())
+    with splice, torch.inference_mode():
+        return base(input_ids=input_ids_BT.to(_device(model)), use_cache=False).last_hidden_state
 
 
 def unembedding(model: nn.Module) -> Callable[[Tensor], Tensor] | None:

@@ -704,7 +704,7 @@ def _check_model_files(info: ModelInfo) -> None:
     download is named with its fix here, not deep inside a step."""
     from mlsae.models import check_model_files
 
-    check_model_files(info["name"] if info["name"] == "embedded" else info["source"])
+    check_model_files(info["source"])
 
 
 def sae_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None):

@@ -92,8 +92,9 @@ def train_autoencoders_streaming(specs: list[dict[str, Any]], settings: dict,
     from mlsae.plan import extract_config, train_config
     from mlsae.sae import train_many
 
+    stream_cfg = extract_config(settings, stream=True)
     loaded = load_model(settings["model"]["name"], device=settings["device"],
-                        dtype=extract_config(settings).model_dtype)
+                        dtype=stream_cfg.model_dtype)
     basis = load_lens(lens, loaded, out) if lens is not None else None
     cfgs = [train_config(settings, spec, lens["lens"] if (lens and spec["lens"]) else None)
             for spec in specs]
@@ -103,7 +104,7 @@ def train_autoencoders_streaming(specs: list[dict[str, Any]], settings: dict,
                       cfgs[0].n_steps, cfgs[0].batch_tokens)
     start = time.perf_counter()
     with gpu_slot(settings["device"]):
-        results = train_many(cfgs, ActivationStream(extract_config(settings, stream=True), loaded), run_dirs,
+        results = train_many(cfgs, ActivationStream(stream_cfg, loaded), run_dirs,
                              bases=[basis if spec["lens"] else None for spec in specs],
                              source_layers=list(settings["layers"]),
                              progress_log=progress_log(), should_stop=stop_requested)
