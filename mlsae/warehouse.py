@@ -204,6 +204,15 @@ def table_glob(warehouse_dir: str | os.PathLike, table: str) -> str:
     return str(table_dir(warehouse_dir, table) / "*" / "*.parquet")
 
 
+AUTOENCODERS_DIR = "autoencoders"
+
+
+def autoencoder_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
+    """<warehouse>/autoencoders/<id>: one autoencoder's training run (checkpoints) and its
+    saved weights in sae/ (MLSAE.from_pretrained). Not <warehouse>/saes: that is the table."""
+    return Path(warehouse_dir) / AUTOENCODERS_DIR / check_sae_id(sae_id)
+
+
 # --------------------------------------------------------------------------- is it a warehouse?
 
 WAREHOUSE_MARKER = ".mlsae-warehouse"
