@@ -767,6 +767,31 @@ def part_connection(warehouse_dir: str | os.PathLike, sae_id: str, part: int,
     return con
 
 
+def memory_connection(tables: dict[str, pa.Table], threads: int | None = None):
+    """A DuckDB connection whose tables are the given in-memory Arrow tables (by table
+    name; every other table empty), with every sql/ macro and view registered and no
+    file access: the sql/ analyses over rows that are not in a warehouse (the explorer
+    runs prompt_heatmap over one typed-in prompt's activations this way). Replace a
+    table's rows later with `con.register(f"_{name}_rows", new_table)`."""
+    con = _open_duckdb(threads)
+    try:
+        for table in TABLES:
+            if table in tables:
+                con.register(f"_{table}_rows", tables[table])
+                body = f"SELECT * FROM _{table}_rows"
+            else:
+                body = _empty_table_sql(table)
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS {body};")
+        _register_sql(con)
+        con.execute("SET enable_external_access = false")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
 def _check_sae_id_hashes(con, root: Path) -> None:
     # Views group by hash(sae_id) (~2x faster than by the string); make sure no two of
     # this warehouse's ids collide (check_file ties every file's sae_id to its directory).
