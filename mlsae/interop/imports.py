@@ -281,3 +281,20 @@ def describe(plan: ImportPlan) -> str:
     return (f"{plan.sae_id}: {plan.format} autoencoder from {plan.source_dir}, d_model "
             f"{cfg.d_model}, {cfg.n_latents} latents, k {cfg.k}, layers {cfg.layers}, "
             f"standardize {cfg.standardize}")
+
+
+def plan_import_run(request: ImportRequest, preset: str = "demo",
+                    target: dict[str, Any] | None = None, budget: dict[str, Any] | None = None,
+                    out: str | os.PathLike | None = None) -> tuple[ImportPlan, dict[str, Any]]:
+    """Every check of `mlsae import` before compute: the import itself (plan_import) and the
+    evaluation settings of the steps that follow (mlsae.plan.make_plan on the autoencoder's
+    layers: model files, data, budget). Returns (plan, run settings); nothing written."""
+    from mlsae.plan import RunRequest, inspect_model, make_plan, run_settings
+
+    target = {**(target or {}), "model": request.model}
+    info = inspect_model(request.model)
+    plan = plan_import(request, model_info=info)
+    run = make_plan(RunRequest(preset=preset, target=target,
+                               grid={"layers": list(plan.sae.cfg.layers), "baselines": False},
+                               budget=budget), out)
+    return plan, run_settings(run)
