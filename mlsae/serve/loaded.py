@@ -24,9 +24,11 @@ class SaeHandle(NamedTuple):
 
 
 def sae_dir(warehouse_dir: Path, sae_id: str) -> Path | None:
-    """Where the saved autoencoder of `sae_id` is (`mlsae run` writes
+    """Where the saved autoencoder of `sae_id` is (`mlsae run` and `mlsae import` write
     <warehouse>/autoencoders/<sae_id>/sae), or None."""
-    base = Path(warehouse_dir) / "autoencoders" / sae_id
+    from mlsae.warehouse import autoencoder_dir
+
+    base = autoencoder_dir(warehouse_dir, sae_id)
     for path in (base / "sae", base):
         if (path / "config.json").exists() and (path / "model.safetensors").exists():
             return path
