@@ -9,6 +9,34 @@ VENV=.venv
 STAMP="$VENV/.installed"
 PY=${PYTHON:-python3}
 
+# The explorer's browser tests (tests/test_serve_browser.py) drive the system's headless
+# Chromium: Debian's chromium + chromium-driver, installed here when missing (as root, or
+# with password-less sudo); otherwise a message says how, and those tests are skipped.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: no chromium/chromedriver and no apt-get: install Chromium and its" \
+         "driver to run the explorer's browser tests (they are skipped until then)" >&2
+  else
+    SUDO=()
+    if [ "$(id -u)" -ne 0 ]; then
+      if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=(sudo -n); fi
+    fi
+    if [ "$(id -u)" -eq 0 ] || [ ${#SUDO[@]} -gt 0 ]; then
+      echo "bootstrap: installing chromium + chromium-driver for the browser tests..." >&2
+      if ! { "${SUDO[@]}" apt-get update -qq &&
+             DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq \
+               chromium chromium-driver >/dev/null; }; then
+        echo "bootstrap: apt-get could not install chromium chromium-driver; the browser" \
+             "tests will be skipped" >&2
+      fi
+    else
+      echo "bootstrap: chromium/chromedriver missing and not root: run" \
+           "'sudo apt-get install -y chromium chromium-driver' to run the explorer's" \
+           "browser tests (they are skipped until then)" >&2
+    fi
+  fi
+fi
+
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ -x "$VENV/bin/mlsae" ]; then
   exit 0
 fi

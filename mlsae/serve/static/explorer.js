@@ -182,7 +182,6 @@ function heatmap(sae, rows, layers, onPick) {
     svg.append(sv("text", {x: m.l + cellW * layers.length + 4, y: y + rowH - 2, "font-size": rowH > 10 ? 10 : 7,
                            class: "muted", text: `E=${fmt(row.expected, 1)}`}));
   });
-  svg.append(sv("text", {x: m.l, y: height - 6, text: "p(layer) of each latent pooled over the prompt; rows by expected layer"}));
   return svg;
 }
 
@@ -333,7 +332,10 @@ function renderPrompt(app, data, q) {
   // heatmap
   const heatBox = el("div", {id: "heatmap", "data-layers": L});
   heatBox.append(heatRows.length ? heatmap(sae, heatRows, layers, j => { state.latent = j; redraw(); })
-                 : el("p", {class: "muted", text: "No latent reaches 1e-3 on this prompt."}));
+                 : el("p", {class: "muted", text: "No latent reaches 1e-3 on this prompt."}),
+                 el("p", {class: "muted", text: "p(layer) of each latent pooled over the prompt's tokens, " +
+                   "latents with max activation < 1e-3 left out, rows by expected layer E. " +
+                   "Click a label to open the latent, a cell to colour the tokens by it."}));
 
   // histograms
   const activePerLayer = layers.map((_, li) => data.activations.reduce(
