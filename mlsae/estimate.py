@@ -178,7 +178,7 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
     return estimate
 
 
-def _bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
@@ -206,11 +206,11 @@ def format_estimate(e: dict[str, Any]) -> str:
         f"  {e['train_tokens']:,} training tokens per layer on layers {e['layers']}, "
         f"{e['steps']:,} steps of {e['batch_tokens']:,} tokens; {e['eval_tokens']:,} held-out "
         f"tokens; sequences of {e['seq_len']}",
-        f"  training source: {e['training_source']} (cache would be {_bytes(e['cache_bytes'])}; "
-        f"limit {_bytes(e['cache_limit_bytes'])}; written: {_bytes(e['cache_bytes_written'])})",
-        f"  shuffle buffer RAM ~{_bytes(e['shuffle_buffer_bytes'])}; checkpoints "
-        f"~{_bytes(e['checkpoint_bytes'])}",
-        f"  latent table ~{e['latents_rows']:,} rows, ~{_bytes(e['latents_bytes'])}",
+        f"  training source: {e['training_source']} (cache would be {format_bytes(e['cache_bytes'])}; "
+        f"limit {format_bytes(e['cache_limit_bytes'])}; written: {format_bytes(e['cache_bytes_written'])})",
+        f"  shuffle buffer RAM ~{format_bytes(e['shuffle_buffer_bytes'])}; checkpoints "
+        f"~{format_bytes(e['checkpoint_bytes'])}",
+        f"  latent table ~{e['latents_rows']:,} rows, ~{format_bytes(e['latents_bytes'])}",
         f"  {len(e['saes'])} autoencoder(s):",
     ]
     for s in e["saes"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -201,3 +202,92 @@ def unembedding(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
             full.float(), mine.float(), rtol=1e-4, atol=1e-4 * float(full.abs().max())))
         model._mlsae_unembedding_ok = cached
     return head if cached else None
+
+
+class CleanPass(NamedTuple):
+    """One clean forward pass, kept so spliced passes can start after the spliced block.
+
+    outputs: each block's output exactly as the block returned it (a tensor or a tuple).
+    final_BTD: the base model's last hidden state (final norm applied).
+    """
+
+    input_ids_BT: Tensor
+    outputs: list[object]
+    final_BTD: Tensor
+
+    def block_output(self, layer: int) -> Tensor:
+        """Block `layer`'s output hidden state [B, T, D]."""
+        return _hidden(self.outputs[layer])
+
+
+def clean_pass(model: nn.Module, input_ids_BT: Tensor) -> CleanPass:
+    """The clean forward pass with every block's output recorded (see tail_forward)."""
+    blocks = get_blocks(model)
+    outputs: list[object] = [None] * len(blocks)
+
+    def make_hook(i: int) -> Callable:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            outputs[i] = output
+        return hook
+
+    handles = [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
+    ids = input_ids_BT.to(_device(model))
+    base = getattr(model, "base_model", model)
+    try:
+        with torch.inference_mode():
+            final = base(input_ids=ids, use_cache=False).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return CleanPass(ids, outputs, final)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block during a tail pass: returns what the block returned in the
+    clean pass (or the spliced output), without computing anything."""
+
+    def __init__(self, output: object):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *_args: object, **_kwargs: object) -> object:
+        return self.output
+
+
+def _with_hidden(output: object, h_BTD: Tensor) -> object:
+    if isinstance(output, tuple):
+        return (h_BTD, *output[1:])
+    if isinstance(output, list):
+        return [h_BTD, *output[1:]]
+    return h_BTD
+
+
+def tail_forward(model: nn.Module, clean: CleanPass, layer: int, h_BTD: Tensor,
+                 logits: bool = False) -> Tensor:
+    """What splice_forward / final_hidden_states give with block `layer`'s output replaced by
+    `h_BTD`, computing only the blocks after `layer`: blocks 0..layer are swapped for
+    stand-ins that return the clean pass's outputs, so the model's own forward (embedding,
+    masks, position embeddings, later blocks, final norm) runs unchanged around them.
+    Splicing all L layers so costs about L/2 extra passes of blocks, not L.
+
+    logits=False: the last hidden state [B, T, D]; True: the logits [B, T, V].
+    """
+    (layer,) = check_layers(model, [layer])
+    blocks = get_blocks(model)
+    old = clean.block_output(layer)
+    if h_BTD.shape != old.shape:
+        raise ValueError(f"the spliced hidden state has shape {tuple(h_BTD.shape)}; block "
+                         f"{layer}'s output has shape {tuple(old.shape)}")
+    originals = [blocks[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer):
+            blocks[i] = _Replay(clean.outputs[i])
+        blocks[layer] = _Replay(_with_hidden(clean.outputs[layer], h_BTD.to(old.dtype)))
+        with torch.inference_mode():
+            if logits:
+                return model(input_ids=clean.input_ids_BT, use_cache=False).logits
+            base = getattr(model, "base_model", model)
+            return base(input_ids=clean.input_ids_BT, use_cache=False).last_hidden_state
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block

@@ -9,10 +9,12 @@ from torch import nn
 from mlsae.hooks import (
     capture_residuals,
     check_seq_len,
+    clean_pass,
     d_model,
     get_blocks,
     n_layers,
     splice_forward,
+    tail_forward,
 )
 
 ARCHS = ["tiny_neox", "tiny_gpt2", "tiny_llama"]
@@ -155,3 +157,53 @@ def test_unembedding_of_the_final_hidden_state_is_the_logits(arch, request):
         spliced_BTV = splice_forward(model, ids_BT, 1, noisy)
         mine_BTV = unembed(final_hidden_states(model, ids_BT, 1, noisy))
     assert torch.allclose(mine_BTV, spliced_BTV, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tail_from_the_clean_pass_equals_the_full_spliced_pass(arch, request):
+    """Splicing from the clean pass's block outputs (only blocks after the spliced one run)
+    gives the full spliced forward pass's logits and last hidden state, for every layer;
+    GPT-NeoX here has the parallel residual (Pythia's)."""
+    from mlsae.hooks import final_hidden_states
+
+    model = request.getfixturevalue(arch)
+    if arch == "tiny_neox":
+        assert model.config.use_parallel_residual
+    ids_BT = _ids(seed=3)
+    clean = clean_pass(model, ids_BT)
+    with torch.inference_mode():
+        assert torch.equal(clean.final_BTD, final_hidden_states(model, ids_BT))
+    blocks_before = list(get_blocks(model))
+    for layer in range(n_layers(model)):
+        noise_BTD = 0.5 * torch.randn_like(clean.block_output(layer))
+        full_BTV = splice_forward(model, ids_BT, layer, lambda h, n=noise_BTD: h + n)
+        tail_BTV = tail_forward(model, clean, layer, clean.block_output(layer) + noise_BTD,
+                                logits=True)
+        torch.testing.assert_close(tail_BTV, full_BTV, rtol=1e-5, atol=1e-5)
+        full_BTD = final_hidden_states(model, ids_BT, layer, lambda h, n=noise_BTD: h + n)
+        tail_BTD = tail_forward(model, clean, layer, clean.block_output(layer) + noise_BTD)
+        torch.testing.assert_close(tail_BTD, full_BTD, rtol=1e-5, atol=1e-5)
+        assert (tail_BTV - model(input_ids=ids_BT).logits).abs().max() > 1e-3
+    assert list(get_blocks(model)) == blocks_before  # the stand-ins are gone
+
+
+def test_tail_forward_skips_the_blocks_before_the_splice(tiny_neox):
+    """The prefix is not recomputed: splicing at the last block runs no block at all."""
+    ids_BT = _ids(seed=4)
+    clean = clean_pass(tiny_neox, ids_BT)
+    calls: list[int] = []
+    handles = [block.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+               for i, block in enumerate(get_blocks(tiny_neox))]
+    try:
+        for layer in range(n_layers(tiny_neox)):
+            tail_forward(tiny_neox, clean, layer, clean.block_output(layer))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [1, 2, 2]  # after 0: blocks 1, 2; after 1: block 2; after 2: none
+
+
+def test_tail_forward_rejects_a_wrong_shape(tiny_neox):
+    clean = clean_pass(tiny_neox, _ids())
+    with pytest.raises(ValueError, match="block 1's output has shape"):
+        tail_forward(tiny_neox, clean, 1, torch.zeros(1, 2, 3))

@@ -150,3 +150,93 @@ def test_chunked_logits_evaluation_equals_whole_logits(tiny_loaded, tmp_path):
         assert a.fvu == b.fvu and a.l0 == b.l0
         assert b.delta_ce == pytest.approx(a.delta_ce, rel=1e-6, abs=1e-9)
         assert b.kl == pytest.approx(a.kl, rel=1e-6, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_loaded():
+    """A random 3-block GPT-NeoX with a Pythia-sized vocabulary (50,304) over the embedded
+    tokenizer (its ids are a subset)."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR)
+    torch.manual_seed(1)
+    cfg = GPTNeoXConfig(vocab_size=50_304, hidden_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, rotary_pct=0.25)
+    return LoadedModel(GPTNeoXForCausalLM(cfg).eval(), tokenizer, "wide-vocab")
+
+
+def _reference_ce_kl(sae, loaded, data, layer):
+    """delta CE and KL of one layer the obvious way: whole logits of the full spliced pass
+    (every block recomputed), log_softmax in float64."""
+    from mlsae.data import load_sequences, special_token_mask
+    from mlsae.hooks import splice_forward
+
+    tokens_BT = torch.as_tensor(load_sequences(data, loaded.tokenizer).tokens_BT)
+    mask_BT = torch.as_tensor(special_token_mask(tokens_BT.numpy(), loaded.tokenizer))
+
+    def replace(h_BTD):
+        out = h_BTD.clone()
+        out[mask_BT] = ev.reconstruct(sae, h_BTD[mask_BT].float(), layer)[0]
+        return out
+
+    with torch.inference_mode():
+        clean = torch.log_softmax(loaded.model(input_ids=tokens_BT).logits.double(), -1)
+    spliced = torch.log_softmax(splice_forward(loaded.model, tokens_BT, layer, replace).double(), -1)
+    w = mask_BT[:, :-1].double()
+    target = tokens_BT[:, 1:].unsqueeze(-1)
+    ce_c = -(clean[:, :-1].gather(-1, target).squeeze(-1) * w).sum()
+    ce_s = -(spliced[:, :-1].gather(-1, target).squeeze(-1) * w).sum()
+    kl = ((clean.exp() * (clean - spliced)).sum(-1)[:, :-1] * w).sum()
+    return float((ce_s - ce_c) / w.sum()), float(kl / w.sum())
+
+
+@pytest.mark.parametrize("loaded_name", ["tiny_loaded", "wide_vocab_loaded"])
+def test_evaluation_equals_full_spliced_passes_with_whole_logits(loaded_name, request):
+    """Chunked CE/KL from the clean pass's prefix equal whole-logits full spliced passes
+    (float64) to 1e-6, on a small and on a 50k vocabulary."""
+    from mlsae.sae import MLSAE
+
+    loaded = request.getfixturevalue(loaded_name)
+    cfg = loaded.model.config
+    sae = MLSAE(SAEConfig(d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+                          expansion_factor=2, k=4, k_aux=8), seed=0)
+    data = DataConfig(split="test", seq_len=32, max_sequences=3)
+    chunked = evaluate_sae(sae, loaded, data, batch_size=2, logits_budget_bytes=4 * 2**20)
+    whole = evaluate_sae(sae, loaded, data, batch_size=3, chunk_logits=False)
+    for layer, (a, b) in enumerate(zip(chunked, whole, strict=True)):
+        delta_ce, kl = _reference_ce_kl(sae, loaded, data, layer)
+        for got in (a, b):
+            assert got.delta_ce == pytest.approx(delta_ce, rel=1e-6, abs=1e-6)
+            assert got.kl == pytest.approx(kl, rel=1e-6, abs=1e-6)
+
+
+def test_autoencoders_evaluated_together_equal_each_alone(tiny_loaded):
+    """One clean pass shared by several autoencoders (an MLSAE and a single-layer SAE with
+    other widths and k) gives each the metrics it gets alone."""
+    from mlsae.sae import MLSAE
+    from mlsae.sae.evaluate import evaluate_saes
+
+    multi = MLSAE(SAEConfig(d_model=32, n_layers=2, expansion_factor=4, k=8, k_aux=8), seed=1)
+    single = MLSAE(SAEConfig(d_model=32, n_layers=2, layers=[1], expansion_factor=2, k=3,
+                             k_aux=8), seed=2)
+    data = DataConfig(split="test", seq_len=32, max_sequences=5)
+    together = evaluate_saes([multi, single], tiny_loaded, data, batch_size=2)
+    alone = [evaluate_sae(multi, tiny_loaded, data, batch_size=3),
+             evaluate_sae(single, tiny_loaded, data, batch_size=5)]
+    assert [len(r) for r in together] == [2, 1]
+    for got, want in zip(together, alone, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert a.layer == b.layer and a.l0 == b.l0 and a.dead_fraction == b.dead_fraction
+            for name in ("fvu", "mse", "delta_ce", "kl"):
+                assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-6, abs=1e-9)
+
+
+def test_eval_memory_too_small_names_the_fix(tiny_loaded):
+    from mlsae.memory import eval_sizing
+
+    with pytest.raises(ValueError, match="raise --eval-memory to at least"):
+        eval_sizing(tiny_loaded.model, 32, 1000)
+    big = eval_sizing(tiny_loaded.model, 32, 2**30)
+    small = eval_sizing(tiny_loaded.model, 32, 2**29)
+    assert big.batch_sequences > small.batch_sequences >= 1

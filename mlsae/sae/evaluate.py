@@ -72,13 +72,9 @@ def next_token_ce_kl(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, token
                        count_BT[:, :-1])
 
 
-LOGITS_BUDGET_BYTES = 256 * 2**20
-"""Evaluation unembeds at most about this many bytes of float32 logits at once."""
-
-
 def chunked_ce_kl(unembed: Callable[[Tensor], Tensor], h_clean_BTD: Tensor,
                   h_spliced: dict[int, Tensor], tokens_BT: Tensor, count_BT: Tensor,
-                  vocab: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> dict[int, CeKlSums]:
+                  vocab: int, budget_bytes: int = 256 * 2**20) -> dict[int, CeKlSums]:
     """next_token_ce_kl for several spliced runs (by layer) from last hidden states, unembedding
     a chunk of positions at a time: the clean chunk once, then each layer's. Memory: about
     six [B, chunk, V] float32 tensors, with chunk chosen to fit `budget_bytes`."""
@@ -171,35 +167,50 @@ def _check_split(data: Any) -> None:
                          "pass DataConfig(split='test', ...)")
 
 
-@torch.no_grad()
-def evaluate_sae(sae: MLSAE, loaded: Any, data: Any, basis: Any = None, *,
-                 batch_size: int = 8, max_tokens: int | None = None, splice: bool = True,
-                 progress_log: Callable[[str], None] | None = None, chunk_logits: bool = True,
-                 logits_budget_bytes: int = LOGITS_BUDGET_BYTES) -> list[LayerMetrics]:
-    """Metrics per SAE layer on the held-out split `data` (a DataConfig with split="test").
+def evaluate_sae(sae: MLSAE, loaded: Any, data: Any, basis: Any = None, **options: Any
+                 ) -> list[LayerMetrics]:
+    """Metrics per SAE layer on the held-out split `data`: evaluate_saes of one SAE."""
+    return evaluate_saes([sae], loaded, data, [basis], **options)[0]
 
-    loaded: a LoadedModel (mlsae.models). The SAE is moved to the model's device.
+
+@torch.no_grad()
+def evaluate_saes(saes: Sequence[MLSAE], loaded: Any, data: Any,
+                  bases: Sequence[Any] | None = None, *, batch_size: int | None = None,
+                  memory_bytes: int | None = None, max_tokens: int | None = None,
+                  splice: bool = True, progress_log: Callable[[str], None] | None = None,
+                  chunk_logits: bool = True, logits_budget_bytes: int | None = None,
+                  ) -> list[list[LayerMetrics]]:
+    """Metrics per layer of each SAE (one list per SAE, in order) on the held-out split
+    `data` (a DataConfig with split="test"), sharing one clean forward pass per batch.
+
+    loaded: a LoadedModel (mlsae.models). The SAEs are moved to the model's device.
+    bases: each SAE's ResidualBasis (tuned lens) or None (default: None for all).
+    batch_size: sequences per forward pass; None = as many as `memory_bytes` allows
+      (mlsae.memory.eval_sizing; memory_bytes None = the device's default budget).
     max_tokens: evaluate on the first ceil(max_tokens / seq_len) sequences (None: all).
     splice=False skips the spliced forward passes (delta_ce and kl are then NaN).
     chunk_logits: compute CE/KL from the last hidden states, unembedding chunks of positions
-      (at most ~logits_budget_bytes of logits alive; a [8, 2048, 50304] float32 batch would
-      be 3.3 GB per tensor); models whose logits are not plain unembeddings use whole logits.
-    Use mean_over_layers(result) for the averages.
+      (a [8, 2048, 50304] float32 batch of logits would be 3.3 GB per tensor); models whose
+      logits are not plain unembeddings use whole logits.
+    Each spliced pass starts from the clean pass's output of the spliced block
+    (mlsae.hooks.tail_forward): splicing all L layers costs about L/2 passes of blocks.
+    Use mean_over_layers(result[i]) for the averages.
     """
     from mlsae.data import load_sequences, special_token_mask
-    from mlsae.hooks import (
-        capture_residuals,
-        check_layers,
-        final_hidden_states,
-        splice_forward,
-        unembedding,
-    )
+    from mlsae.hooks import capture_residuals, check_layers, clean_pass, tail_forward, unembedding
+    from mlsae.memory import default_eval_memory, eval_sizing
 
     _check_split(data)
+    saes = list(saes)
+    bases = list(bases) if bases is not None else [None] * len(saes)
+    if not saes or len(bases) != len(saes):
+        raise ValueError(f"give one basis (or None) per SAE: {len(saes)} SAEs, {len(bases)} "
+                         "bases")
     model, tokenizer = loaded.model, loaded.tokenizer
-    layers = check_layers(model, sae.cfg.layers)
+    layers_of = [check_layers(model, sae.cfg.layers) for sae in saes]
     device = next(model.parameters()).device
-    sae.to(device).eval()
+    for sae in saes:
+        sae.to(device).eval()
     seqs = load_sequences(data, tokenizer)
     tokens_BT = np.asarray(seqs.tokens_BT)
     if max_tokens is not None:
@@ -207,54 +218,70 @@ def evaluate_sae(sae: MLSAE, loaded: Any, data: Any, basis: Any = None, *,
     mask_BT = np.asarray(special_token_mask(tokens_BT, tokenizer), dtype=bool)
     if not mask_BT.any():
         raise ValueError("the evaluation data has no unmasked tokens: check data.source")
-    cfg = sae.cfg
-    accs = {layer: LayerAccumulator(layer, cfg.d_model, cfg.n_latents, cfg.act_threshold)
-            for layer in layers}
+    accs = [{layer: LayerAccumulator(layer, sae.cfg.d_model, sae.cfg.n_latents,
+                                     sae.cfg.act_threshold) for layer in layers}
+            for sae, layers in zip(saes, layers_of, strict=True)]
     unembed = unembedding(model) if splice and chunk_logits else None
     vocab = int(model.get_output_embeddings().weight.shape[0]) if unembed is not None else 0
-    progress = Progress("evaluate sae", total=float(mask_BT.sum()), unit="tokens",
-                        log=progress_log)
-    for b0 in range(0, tokens_BT.shape[0], batch_size):
-        ids = torch.as_tensor(tokens_BT[b0:b0 + batch_size], dtype=torch.long, device=device)
-        mask = torch.as_tensor(mask_BT[b0:b0 + batch_size], device=device)
-        if not bool(mask.any()):
+    sizing = eval_sizing(model, tokens_BT.shape[1],
+                         memory_bytes if memory_bytes is not None else default_eval_memory(device),
+                         splice=splice, spliced_layers=max(map(len, layers_of)),
+                         n_latents=max(sae.cfg.n_latents for sae in saes))
+    batch = batch_size or sizing.batch_sequences
+    logits_budget = logits_budget_bytes or sizing.logits_bytes
+    log = progress_log or (lambda line: print(line, file=__import__("sys").stderr, flush=True))
+    log(f"evaluate: {len(saes)} autoencoder(s), {tokens_BT.shape[0]} sequences of "
+        f"{tokens_BT.shape[1]} tokens, {batch} per pass ({sizing.describe()})")
+    # One unit per (token, SAE layer), so the line moves within a batch of a large model.
+    per_token = sum(map(len, layers_of))
+    progress = Progress("evaluate sae", total=float(mask_BT.sum()) * per_token,
+                        unit="token-layers", log=log)
+    for b0 in range(0, tokens_BT.shape[0], batch):
+        ids = torch.as_tensor(tokens_BT[b0:b0 + batch], dtype=torch.long, device=device)
+        mask = torch.as_tensor(mask_BT[b0:b0 + batch], device=device)
+        n_tokens = float(mask.sum())
+        if not n_tokens:
             continue
         if not splice:
-            x_BTLD = capture_residuals(model, ids, layers)
-            for i, layer in enumerate(layers):
-                x_ND = x_BTLD[:, :, i][mask].float()
-                x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
-                accs[layer].add_reconstruction(x_ND, x_hat, acts, idx)
-        else:
-            def replace_at(layer: int, mask: Tensor = mask) -> Callable[[Tensor], Tensor]:
-                acc = accs[layer]
-
-                def replace(h_BTD: Tensor) -> Tensor:
-                    x_ND = h_BTD[mask].float()
-                    x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
-                    acc.add_reconstruction(x_ND, x_hat, acts, idx)
-                    out = h_BTD.clone()
-                    out[mask] = x_hat.to(h_BTD.dtype)
-                    return out
-                return replace
-
-            if unembed is not None:  # bounded memory: hidden states, logits in chunks
-                h_clean = final_hidden_states(model, ids)
-                h_spliced = {layer: final_hidden_states(model, ids, layer, replace_at(layer))
-                             for layer in layers}
-                for layer, sums in chunked_ce_kl(unembed, h_clean, h_spliced, ids, mask,
-                                                 vocab, logits_budget_bytes).items():
-                    accs[layer].add_ce_kl(sums)
-            else:  # a model whose logits are more than its unembedding: whole logits
-                clean = model(input_ids=ids, use_cache=False).logits
+            wanted = sorted({layer for layers in layers_of for layer in layers})
+            x_BTLD = capture_residuals(model, ids, wanted)
+            for sae, basis, layers, acc in zip(saes, bases, layers_of, accs, strict=True):
                 for layer in layers:
-                    spliced = splice_forward(model, ids, layer, replace_at(layer))
-                    accs[layer].add_ce_kl(next_token_ce_kl(clean, spliced, ids, mask))
-        progress.update(float(mask.sum()))
-    result = [accs[layer].result() for layer in layers]
-    mean = mean_over_layers(result)
+                    x_ND = x_BTLD[:, :, wanted.index(layer)][mask].float()
+                    x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
+                    acc[layer].add_reconstruction(x_ND, x_hat, acts, idx)
+                    progress.update(n_tokens)
+            continue
+        clean = clean_pass(model, ids)
+        clean_logits = None
+        if unembed is None:  # a model whose logits are more than its unembedding
+            last = len(clean.outputs) - 1
+            clean_logits = tail_forward(model, clean, last, clean.block_output(last), logits=True)
+        for sae, basis, layers, acc in zip(saes, bases, layers_of, accs, strict=True):
+            h_spliced: dict[int, Tensor] = {}
+            for layer in layers:
+                h_BTD = clean.block_output(layer)
+                x_ND = h_BTD[mask].float()
+                x_hat, acts, idx = reconstruct(sae, x_ND, layer, basis)
+                acc[layer].add_reconstruction(x_ND, x_hat, acts, idx)
+                spliced_BTD = h_BTD.clone()
+                spliced_BTD[mask] = x_hat.to(h_BTD.dtype)
+                if unembed is not None:
+                    h_spliced[layer] = tail_forward(model, clean, layer, spliced_BTD)
+                else:
+                    logits = tail_forward(model, clean, layer, spliced_BTD, logits=True)
+                    acc[layer].add_ce_kl(next_token_ce_kl(clean_logits, logits, ids, mask))
+                progress.update(n_tokens)
+            if h_spliced:
+                for layer, sums in chunked_ce_kl(unembed, clean.final_BTD, h_spliced, ids, mask,
+                                                 vocab, logits_budget).items():
+                    acc[layer].add_ce_kl(sums)
+        del clean, clean_logits
+    results = [[acc[layer].result() for layer in layers] for acc, layers in zip(
+        accs, layers_of, strict=True)]
+    mean = mean_over_layers([m for result in results for m in result])
     progress.close(fvu=mean.fvu, delta_ce=mean.delta_ce, kl=mean.kl)
-    return result
+    return results
 
 
 @torch.no_grad()
