@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment at .venv with mlsae installed
-# in editable mode plus the dev tools. Idempotent: does nothing when .venv is up to
-# date with pyproject.toml. Used by `make run` / `make test` (and so by .ci/run).
+# in editable mode plus the dev tools and the interop extra (SAELens, sparsify: the export
+# tests load files with them). Idempotent: does nothing when .venv is up to date with
+# pyproject.toml. Used by `make run` / `make test` (and so by .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +63,6 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   fi
 fi
 
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,interop]"
 touch "$STAMP"
 echo "bootstrap: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))" >&2

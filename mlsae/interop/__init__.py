@@ -3,6 +3,7 @@
 | module | one job |
 | --- | --- |
 | `errors.py` | `InteropError`: a file to import or export is wrong (the message names the fix) |
+| `weights.py` | `Weights`: a TopK SAE's tensors in mlsae's orientation; to and from `MLSAE` |
 | `tensors.py` | read a safetensors file whole or fail with a clear message (header checked first) |
 | `paper.py` | the paper's released MLSAE format (tim-lawson/mlsae): read, write, convert |
 | `saelens.py` | SAELens' TopK format (cfg.json + sae_weights.safetensors): write, read |
