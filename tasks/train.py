@@ -32,8 +32,10 @@ class TrainManifest(TypedDict):
 
 
 def autoencoder_dir(out: str, sae_id: str) -> Path:
-    # Not <out>/saes: that directory is the `saes` table.
-    return Path(out) / "autoencoders" / sae_id
+    """<out>/autoencoders/<sae_id> (mlsae.warehouse.autoencoder_dir)."""
+    from mlsae.warehouse import autoencoder_dir as in_warehouse
+
+    return in_warehouse(out, sae_id)
 
 
 def pick_trained(trained: TrainManifest | list[TrainManifest], sae_id: str) -> TrainManifest:
