@@ -19,8 +19,8 @@ def main() -> None:
 
 
 # Registered commands (one line each; keep sorted).
-_COMMANDS: list[str] = ["deploy", "export", "extract", "import", "report", "run", "serve", "sql",
-                        "sweep"]
+_COMMANDS: list[str] = ["deploy", "export", "extract", "gc", "import", "report", "run", "serve",
+                        "sql", "sweep"]
 
 
 def _register() -> None:

@@ -43,8 +43,10 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     if dry_run:
         print_plan([plan], as_json)
         return
+    from flows.cmd_run import print_start
     from flows.report import report
 
+    print_start(plan)
     start = time.perf_counter()
     result = call_flow(report, preset=preset, **request.given(), out=out, refresh=refresh)
     click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")

@@ -32,6 +32,24 @@ def print_plan(plans: list, as_json: bool, probe: bool = True) -> None:
             click.echo(format_estimate(estimate))
 
 
+def print_start(plan: dict) -> None:
+    """What the run will cost (the dry run's estimate, probed), before it starts."""
+    from mlsae.estimate import estimate_plan, format_estimate
+
+    click.echo(format_estimate(fail_fast(estimate_plan, plan), dry_run=False), err=True)
+
+
+def print_caches(out: str) -> None:
+    """The disk the warehouse's activation caches hold (kept for reruns)."""
+    from mlsae.estimate import format_bytes
+    from mlsae.gc import total_cache_bytes
+
+    held = total_cache_bytes(out)
+    if held:
+        click.echo(f"  activation caches: {format_bytes(held)} (kept so reruns on this data "
+                   "skip the model; `mlsae gc` removes those no unfinished run needs)")
+
+
 def print_outputs(result: dict, seconds: float | None, examples: bool = True) -> None:
     """Where the tables and figures are, and three queries to try."""
     out = result["out"]
@@ -46,6 +64,7 @@ def print_outputs(result: dict, seconds: float | None, examples: bool = True) ->
     click.echo("  figures:")
     for path in result["figures"]:
         click.echo(f"    {path}")
+    print_caches(out)
     for row in result.get("variance_summary") or []:
         ratio = row.get("ratio_token")
         click.echo(f"  {row['sae_id']}: {row.get('n_live')} live latents; aggregate layer "
@@ -90,9 +109,7 @@ def command(preset, out, refresh, dry_run, as_json, **fields) -> None:
     if dry_run:
         print_plan([plan], as_json)
         return
-    click.echo(f"{len(plan['specs'])} autoencoder(s) on {plan['model']['name']}, training "
-               f"from the {plan['training_source']}; --dry-run shows the estimated cost.",
-               err=True)
+    print_start(plan)
     from flows.pipeline import pipeline
 
     start = time.perf_counter()

@@ -46,8 +46,11 @@ def command(preset, out, refresh, dry_run, as_json, task_runner, max_workers, ru
     if dry_run:
         print_plan(plans, as_json)
         return
-    from flows.cmd_run import print_example_queries, print_outputs
+    from flows.cmd_run import print_example_queries, print_outputs, print_start
     from flows.sweep import sweep
+
+    for plan in plans:
+        print_start(plan)
 
     start = time.perf_counter()
     result = call_flow(

@@ -1,8 +1,9 @@
 """The pipeline flow: one model, one or more SAE configs, every step of the paper.
 
     validate (no compute) -> extract block outputs once -> [tuned lens] ->
-    each MLSAE config:             train -> log latents -> evaluate -> analyse
-    its single-layer baselines:    train -> evaluate
+    each MLSAE config:             train -> log latents -> analyse
+    its single-layer baselines:    train
+    all autoencoders of the model: evaluate (one pass, the clean forward pass shared)
     -> figures
 
 Each step is a task in tasks/ returning a small manifest; tasks are cached by
@@ -26,7 +27,7 @@ from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, run_settings, sta
 from mlsae.warehouse import init_warehouse
 from tasks.analyse import analyse_autoencoder, report_run
 from tasks.common import ensure_gpu_limit, results_dir, run_logger
-from tasks.evaluate import evaluate_autoencoder
+from tasks.evaluate import evaluate_autoencoder, evaluate_autoencoders
 from tasks.extract import extract_activations
 from tasks.figures import draw_model_figures, draw_sweep_figures
 from tasks.latents import log_latent_tables
@@ -60,6 +61,7 @@ def bind_tasks(out: Path, refresh: bool = False) -> dict[str, Any]:
                    result_serializer="json", refresh_cache=refresh or None)
     return {t.name: t.with_options(**options) for t in (
         extract_activations, prepare_lens, train_autoencoder, evaluate_autoencoder,
+        evaluate_autoencoders,
         log_latent_tables, analyse_autoencoder, draw_model_figures, draw_sweep_figures,
         train_autoencoders_streaming)}
 
@@ -99,8 +101,8 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
 
     Futures carry the dependencies, so a concurrent task runner (the sweep's) runs
     independent configs side by side while each config's steps stay in order:
-    MLSAE: train -> log latents -> evaluate -> analyse; baseline: train -> evaluate.
-    Training reads the activation cache (extracted once, one task per autoencoder) or,
+    train -> log latents (MLSAEs) -> evaluate (all autoencoders of the model in one pass)
+    -> analyse (MLSAEs). Training reads the activation cache (extracted once, one task per autoencoder) or,
     when the cache would not fit the cache limit, one streaming pass of the model
     trains every autoencoder of the plan together.
     """
@@ -126,25 +128,24 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
                 spec=spec, settings=settings, cache=cache, lens=lens if spec["lens"] else None,
                 out=where), f"train:{spec['sae_id']}")
     trained: list[Any] = []  # futures of one manifest, or of a streaming group's list
-    evaluated: list[PrefectFuture] = []
-    analyses: dict[str, PrefectFuture] = {}
+    logged_by_id: dict[str, PrefectFuture] = {}
     for spec in plan["specs"]:
-        spec_lens = lens if spec["lens"] else None
-        train = trained_by_id[spec["sae_id"]]
-        trained.append(train)
-        logged = None
+        if trained_by_id[spec["sae_id"]] not in trained:
+            trained.append(trained_by_id[spec["sae_id"]])
         if spec["role"] == "mlsae":  # baselines: weights and metrics only, no latent table
-            logged = track(steps["log-latent-tables"].submit(
-                trained=train, sae_id=spec["sae_id"], lens=spec_lens, **eval_args),
-                f"log:{spec['sae_id']}")
-        evaluate = track(steps["evaluate-autoencoder"].submit(
-            trained=train, sae_id=spec["sae_id"], logged=logged, lens=spec_lens, **eval_args),
-            f"evaluate:{spec['sae_id']}")
-        evaluated.append(evaluate)
-        if logged is not None:
-            analyses[spec["sae_id"]] = track(steps["analyse-autoencoder"].submit(
-                sae_id=spec["sae_id"], logged=logged, evaluated=evaluate, out=where),
-                f"analyse:{spec['sae_id']}")
+            logged_by_id[spec["sae_id"]] = track(steps["log-latent-tables"].submit(
+                trained=trained_by_id[spec["sae_id"]], sae_id=spec["sae_id"],
+                lens=lens if spec["lens"] else None, **eval_args), f"log:{spec['sae_id']}")
+    # One evaluation for all: each batch's clean forward pass is shared.
+    evaluated = track(steps["evaluate-autoencoders"].submit(
+        trained=trained, sae_ids=[spec["sae_id"] for spec in plan["specs"]],
+        logged=list(logged_by_id.values()), lens=lens,
+        lens_ids=[spec["sae_id"] for spec in plan["specs"] if spec["lens"]], **eval_args),
+        "evaluate")
+    analyses: dict[str, PrefectFuture] = {
+        sae_id: track(steps["analyse-autoencoder"].submit(
+            sae_id=sae_id, logged=logged, evaluated=evaluated, out=where), f"analyse:{sae_id}")
+        for sae_id, logged in logged_by_id.items()}
     figures = track(steps["draw-model-figures"].submit(
         plan=stable_plan(plan), cache=cache, lens=lens, trained=trained, metrics=evaluated,
         analyses=list(analyses.values()), out=where), "figures")

@@ -16,7 +16,6 @@ from typing import Any
 
 from mlsae.plan import (
     CACHE_BYTES_PER_VALUE,
-    LATENT_BYTES_PER_ROW,
     Plan,
     run_settings,
     train_config,
@@ -101,11 +100,11 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
     eval_seqs = -(-plan["eval_tokens"] // plan["seq_len"])
     eval_tokens = eval_seqs * plan["seq_len"]
     mlsaes = [s for s in plan["specs"] if s["role"] == "mlsae"]
-    latents_rows = sum(eval_tokens * len(s["layers"]) * s["k"] for s in mlsaes)
+    disk = plan.get("disk") or {}
+    latents_rows = disk.get("latents_rows", 0)
     shuffle_tokens = train_config(plan, plan["specs"][0]).shuffle_tokens
     shuffle_bytes = shuffle_tokens * n_layers * d_model * CACHE_BYTES_PER_VALUE
-    checkpoint_bytes = sum(4 * 3 * (2 * s["n_latents"] * d_model + d_model)
-                           for s in plan["specs"])
+    checkpoint_bytes = disk.get("checkpoints", 0)
     estimate: dict[str, Any] = {
         "model": model["name"], "n_layers": model["n_layers"], "d_model": d_model,
         "preset": plan["request"]["preset"], "device": plan["device"],
@@ -118,7 +117,8 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
         "cache_bytes_written": plan["cache_bytes"] if plan["training_source"] == "cache" else 0,
         "shuffle_buffer_bytes": shuffle_bytes, "checkpoint_bytes": checkpoint_bytes,
         "latents_rows": latents_rows,
-        "latents_bytes": int(latents_rows * LATENT_BYTES_PER_ROW),
+        "latents_bytes": disk.get("latents", 0), "disk_free_bytes": disk.get("free"),
+        "corpus_tokens": plan.get("corpus_tokens") or {}, "notes": list(plan.get("notes") or []),
         "saes": [dict(s) for s in plan["specs"]],
         "estimated_seconds": None, "stages_seconds": None, "probe": None,
     }
@@ -130,24 +130,22 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
         key = (spec["n_latents"], spec["k"], len(spec["layers"]))
         if key not in s_per_example:
             s_per_example[key] = _probe_sae_step(plan, spec)
-    train_tokens = -(-plan["train_tokens"] // plan["seq_len"]) * plan["seq_len"]
-    forward_s = train_tokens * s_per_token
+    forward_s = forward_tokens(plan) * s_per_token
     train_s = sum(plan["train_tokens"] * len(s["layers"])
                   * s_per_example[(s["n_latents"], s["k"], len(s["layers"]))]
                   for s in plan["specs"])
-    # Evaluation runs the whole model to the logits: the capture pass's time per token,
-    # scaled by the flops of all blocks + the unembedding + the softmax/CE/KL over the
-    # vocabulary (about 20 operations per logit) against the captured blocks' flops.
+    # Evaluation: one clean pass to the logits, shared by every autoencoder, then each
+    # autoencoder's splices (splice_flops), timed at the capture pass's seconds per flop.
     d, blocks = model["d_model"], model["n_layers"]
     vocab = model.get("vocab_size") or 50_000
     used = max(plan["layers"]) + 1
-    full = s_per_token * (24 * d * d * blocks + 2 * d * vocab + 20 * vocab) / (24 * d * d * used)
-    eval_s = 0.0
+    s_per_flop = s_per_token / (24 * d * d * used)
+    full = s_per_flop * (24 * d * d * blocks + 2 * d * vocab + 20 * vocab)
+    eval_s = eval_tokens * full
     for s in plan["specs"]:
         encode = eval_tokens * len(s["layers"]) * s_per_example[
             (s["n_latents"], s["k"], len(s["layers"]))] / 3
-        passes = 1 + len(s["layers"])  # clean + one splice per layer
-        eval_s += eval_tokens * full * passes + encode
+        eval_s += eval_tokens * s_per_flop * splice_flops(d, blocks, vocab, s["layers"]) + encode
         if s["role"] == "mlsae":  # logging the latents: one more capture pass + encode
             eval_s += eval_tokens * s_per_token + encode
     # Figures: MMCS compares every decoder column with every other (and with the
@@ -162,8 +160,8 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
             / flop_rate + 4 * full * 16  # + the Fig. 3 prompt
     n_train_tasks = 1 if plan["training_source"] == "stream" else 1 + len(plan["specs"])
     # Tasks that load the model: training (one streaming task, or extraction + each SAE),
-    # each evaluation and latent logging, the figures.
-    loading = n_train_tasks + len(plan["specs"]) + len(mlsaes) + 1
+    # the evaluation, each latent logging, the figures.
+    loading = n_train_tasks + 1 + len(mlsaes) + 1
     n_tasks = loading + 1 + len(mlsaes)  # + validation and each analysis
     overhead = SERVER_START_S + PER_TASK_S * n_tasks + load_s * loading + figures_s
     stages = {"extract_or_stream_forward": forward_s, "train_sae_steps": train_s,
@@ -198,7 +196,7 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def format_estimate(e: dict[str, Any]) -> str:
+def format_estimate(e: dict[str, Any], dry_run: bool = True) -> str:
     """The plan as a few readable lines (what `--dry-run` prints)."""
     lines = [
         f"Plan for {e['model']} ({e['n_layers']} blocks x d_model {e['d_model']}), preset "
@@ -210,9 +208,16 @@ def format_estimate(e: dict[str, Any]) -> str:
         f"limit {format_bytes(e['cache_limit_bytes'])}; written: {format_bytes(e['cache_bytes_written'])})",
         f"  shuffle buffer RAM ~{format_bytes(e['shuffle_buffer_bytes'])}; checkpoints "
         f"~{format_bytes(e['checkpoint_bytes'])}",
-        f"  latent table ~{e['latents_rows']:,} rows, ~{format_bytes(e['latents_bytes'])}",
-        f"  {len(e['saes'])} autoencoder(s):",
+        f"  latent table ~{e['latents_rows']:,} rows, ~{format_bytes(e['latents_bytes'])}"
+        + (f"; the warehouse's disk has {format_bytes(e['disk_free_bytes'])} free"
+           if e.get("disk_free_bytes") is not None else ""),
     ]
+    if e.get("corpus_tokens"):
+        corpus = e["corpus_tokens"]
+        lines.append(f"  data: ~{corpus['train']:,} training and ~{corpus['test']:,} held-out "
+                     "tokens")
+    lines += [f"  note: {note}" for note in e.get("notes") or []]
+    lines.append(f"  {len(e['saes'])} autoencoder(s):")
     for s in e["saes"]:
         lines.append(f"    {s['sae_id']}: {s['role']}, R {s['expansion_factor']} "
                      f"({s['n_latents']:,} latents), k {s['k']}, layers {s['layers']}"
@@ -224,15 +229,34 @@ def format_estimate(e: dict[str, Any]) -> str:
         lines.append(f"  probe: forward {e['probe']['forward_tokens_per_s']:,.0f} tokens/s; SAE "
                      + ", ".join(f"{k} {v:,.0f} examples/s"
                                  for k, v in e["probe"]["sae_examples_per_s"].items()))
-    lines.append("Nothing was written (--dry-run).")
+    if dry_run:
+        lines.append("Nothing was written (--dry-run).")
     return "\n".join(lines)
+
+
+def forward_tokens(plan: Plan) -> int:
+    """Tokens the model runs on for training: the budget, but a cache holds at most the
+    training split (epochs reread it)."""
+    tokens = -(-plan["train_tokens"] // plan["seq_len"]) * plan["seq_len"]
+    corpus = (plan.get("corpus_tokens") or {}).get("train")
+    if plan["training_source"] == "cache" and corpus:
+        tokens = min(tokens, corpus)
+    return tokens
+
+
+def splice_flops(d: int, blocks: int, vocab: int, layers: list[int]) -> float:
+    """Flops per token of splicing each of `layers` after the shared clean pass: the blocks
+    after the spliced one (mlsae.hooks.tail_forward), the unembedding, and the softmax /
+    CE / KL over the vocabulary (about 20 operations per logit)."""
+    return sum(24 * d * d * (blocks - 1 - layer) + 2 * d * vocab + 20 * vocab
+               for layer in layers)
 
 
 def step_flops(plan: Plan) -> dict[str, float]:
     """Approximate floating-point work of each step of the run (for the whole run's ETA):
     a transformer forward pass ~ 24 d^2 per block per token (+ 2 d V for the unembedding),
     an SAE training step ~ 6 n d per example (encoder forward and backward dominate),
-    encoding ~ 2 n d. Keys: "extract", "stream", "train:<id>", "log:<id>", "evaluate:<id>",
+    encoding ~ 2 n d. Keys: "extract", "stream", "train:<id>", "log:<id>", "evaluate",
     "analyse:<id>", "figures"."""
     model = plan["model"]
     d, blocks = model["d_model"], model["n_layers"]
@@ -247,11 +271,12 @@ def step_flops(plan: Plan) -> dict[str, float]:
     if plan["training_source"] == "stream":
         flops["stream"] = capture * train_tokens + sum(train.values())
     else:
-        flops["extract"] = capture * train_tokens
+        flops["extract"] = capture * forward_tokens(plan)
         flops.update({f"train:{k}": v for k, v in train.items()})
+    flops["evaluate"] = full * eval_tokens
     for s in plan["specs"]:
         encode = 2 * s["n_latents"] * d * eval_tokens * len(s["layers"])
-        flops[f"evaluate:{s['sae_id']}"] = full * eval_tokens * (1 + len(s["layers"])) + encode
+        flops["evaluate"] += splice_flops(d, blocks, vocab, s["layers"]) * eval_tokens + encode
         if s["role"] == "mlsae":
             flops[f"log:{s['sae_id']}"] = capture * eval_tokens + encode
             flops[f"analyse:{s['sae_id']}"] = 0.01 * encode

@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class LatentLogConfig:
     """Tokens per forward pass (bounds the [B, T, L, D] activations held at once)."""
     batch_size: int | None = None
     """Sequences per forward pass; None = max(1, batch_tokens // seq_len)."""
+    memory_bytes: int | None = None
+    """Working memory of one forward pass (mlsae.memory): a batch that would need more is
+    cut to fit. None = the device's default budget."""
     sequences_per_part: int | None = None
     """Sequences per part file (the unit of resumption); None = about `part_rows` rows."""
     part_rows: int = 4_000_000
@@ -546,6 +550,20 @@ def sae_record_from_config(sae_id: str, sae_config: Any, model_name: str,
         train_tokens=train_tokens, config=cfg)
 
 
+def _fit_batch(config: LatentLogConfig, model: Any, seq_len: int, n_latents: int, device: Any,
+               progress_log: Callable[[str], None] | None) -> LatentLogConfig:
+    """The config with its batch cut to the memory budget (mlsae.memory), and logged."""
+    from mlsae.memory import default_eval_memory, eval_sizing
+
+    memory = config.memory_bytes or default_eval_memory(device)
+    sizing = eval_sizing(model, seq_len, memory, splice=False, n_latents=n_latents)
+    wanted = config.batch_size or max(1, config.batch_tokens // seq_len)
+    batch = min(wanted, sizing.batch_sequences)
+    (progress_log or (lambda line: print(line, file=sys.stderr, flush=True)))(
+        f"log latents: {batch} sequences of {seq_len} tokens per pass ({sizing.describe()})")
+    return dataclasses.replace(config, batch_size=batch)
+
+
 def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
                 warehouse_dir: str | os.PathLike, sae_id: str, basis: Any = None,
                 config: LatentLogConfig | None = None, train_tokens: int | None = None,
@@ -573,6 +591,7 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
                  for chunk in iter_sequences(data, loaded.tokenizer))
     layers = list(record.layers)
     sae_dtype = next(sae.parameters()).dtype
+    config = _fit_batch(config, model, data.seq_len, sae.cfg.n_latents, device, progress_log)
 
     @torch.no_grad()
     def encode(batch_BT: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

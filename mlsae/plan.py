@@ -230,6 +230,10 @@ class Budget:
     """Largest activation cache to write, e.g. 20GB: a training set that fits is extracted
     to disk once (reused by later runs); a larger one is streamed from the model. 0 =
     always stream. [default: half the free disk space]"""
+    eval_memory: str | None = field(default=None, metadata=cli())
+    """Working memory for evaluation and latent logging passes, e.g. 4GiB: sets how many
+    sequences one forward pass takes (logged). [default: 2 GiB on a CPU, half the free
+    memory of a GPU]"""
 
     def __post_init__(self) -> None:
         for name in ("train_tokens", "eval_tokens", "seq_len", "batch_tokens", "k_aux",
@@ -245,12 +249,17 @@ class Budget:
         if self.aux_coef is not None and not (isinstance(self.aux_coef, (int, float))
                                               and self.aux_coef >= 0):
             _fail("Budget", "aux_coef", self.aux_coef, "must be >= 0 (0 turns AuxK off)")
-        if self.cache_limit is not None:
-            self.cache_limit = str(self.cache_limit)
+        for name in ("cache_limit", "eval_memory"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            setattr(self, name, str(value))
             try:
-                parse_size(self.cache_limit)
+                size = parse_size(str(value))
             except ValueError as err:
-                raise InvalidRequest(f"--cache-limit: {err}") from err
+                raise InvalidRequest(f"--{name.replace('_', '-')}: {err}") from err
+            if name == "eval_memory" and size == 0:
+                _fail("Budget", name, value, "must be > 0 (e.g. 2GiB)")
 
 
 PARTS: dict[str, type] = {"target": Target, "grid": Grid, "budget": Budget}
@@ -385,7 +394,18 @@ class Plan(TypedDict):
     cache_bytes: int
     """Bytes of the training activation cache (written only when training_source is cache)."""
     cache_limit_bytes: int
+    corpus_tokens: dict[str, int]
+    """Tokens of the data's train and test splits (local sources; estimated when large)."""
+    notes: list[str]
+    """What the run should say before it starts (e.g. epochs over a small corpus)."""
+    disk: dict[str, int]
+    """Bytes the run will write (cache, latents, checkpoints) and the free space (disk_plan)."""
 
+
+PLAN_ONLY = ("specs", "request", "training_source", "cache_bytes", "cache_limit_bytes",
+             "corpus_tokens", "notes", "disk")
+"""Plan entries that change where data comes from or what is said, not the results: left
+out of every step's settings (and so of their cache keys)."""
 
 LEGACY_BATCH_TOKENS = 4096
 CHECKPOINTS_PER_RUN = 10
@@ -534,10 +554,117 @@ def cache_bytes_for(n_sequences: int, seq_len: int, n_layers: int, d_model: int)
 
 def default_cache_limit(where: str | Path | None) -> int:
     """Half the free space of the disk that holds (or will hold) the warehouse."""
-    path = Path(where or ".").expanduser().resolve()
+    return free_bytes(where) // 2
+
+
+def free_bytes(where: str | Path | None) -> int:
+    """Free space of the disk that holds (or will hold) `where` (None: the default
+    warehouse)."""
+    from mlsae.paths import default_warehouse
+
+    path = (Path(where).expanduser() if where else default_warehouse()).resolve()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free // 2
+    return shutil.disk_usage(path).free
+
+
+def _corpus_sizes(target: Target, info: ModelInfo) -> dict[str, int]:
+    """{"train": tokens, "test": tokens} of a local data source with the model's tokenizer
+    ({} for a hub data set or when the tokenizer cannot be read here)."""
+    from mlsae.data import DataConfig, split_size
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(info["source"])
+    except (OSError, ValueError):
+        return {}
+    sizes = {}
+    for split in ("train", "test"):
+        size = split_size(DataConfig(source=target.data, split=split,
+                                     text_column=target.text_column,
+                                     hub_config=target.data_config), tokenizer)
+        if size is None:
+            return {}
+        sizes[split] = size.tokens
+    return sizes
+
+
+def _fit_held_out(budget: Budget, corpus: dict[str, int], explicit: list[str], data: str,
+                  problems: list[str], notes: list[str]) -> Budget:
+    """Refuse an explicit held-out budget above the test split; cut a preset's to fit."""
+    held_out = corpus.get("test")
+    if not held_out or budget.eval_tokens <= held_out:
+        return budget
+    whole = held_out // budget.seq_len * budget.seq_len
+    if "eval_tokens" in explicit:
+        problems.append(f"--eval-tokens {budget.eval_tokens:,} exceeds the held-out split of "
+                        f"{data!r} (~{held_out:,} tokens): use --eval-tokens {whole:,} or less, "
+                        "or give --data more text")
+        return budget
+    notes.append(f"held-out tokens cut from the preset's {budget.eval_tokens:,} to {whole:,}: "
+                 f"the held-out split of {data!r} has ~{held_out:,}")
+    return dataclasses.replace(budget, eval_tokens=max(budget.seq_len, whole))
+
+
+def _check_training_corpus(budget: Budget, corpus: dict[str, int], source: str, explicit: bool,
+                           data: str, problems: list[str], notes: list[str]) -> None:
+    """A training budget above the corpus: epochs over a cache are said; a stream, which
+    reads the text once, cannot reach it."""
+    tokens = corpus.get("train")
+    if not tokens or budget.train_tokens <= tokens:
+        return
+    epochs = budget.train_tokens / tokens
+    if source == "cache":
+        notes.append(f"--train-tokens {budget.train_tokens:,} is ~{epochs:,.1f} epochs over the "
+                     f"~{tokens:,} training tokens of {data!r}: every example is seen ~"
+                     f"{epochs:,.0f} times (give --data more text for distinct examples)")
+        return
+    problems.append(f"--train-tokens {budget.train_tokens:,}{'' if explicit else ' (preset)'} "
+                    f"exceeds the ~{tokens:,} training tokens of {data!r}, and this run streams "
+                    "its training data (which reads the text once): give --data more text, "
+                    f"lower --train-tokens to {tokens:,} or less, or allow a cache (--cache-limit) "
+                    f"that training rereads for ~{epochs:,.0f} epochs")
+
+
+def disk_plan(plan: Plan, out: str | Path | None) -> dict[str, int]:
+    """Bytes the run writes under the warehouse (the activation cache not yet on disk, the
+    latent tables, checkpoints and weights) and the free space there."""
+    from mlsae import warehouse
+    from mlsae.extract import cache_key
+    from mlsae.paths import default_warehouse
+
+    d_model = plan["model"]["d_model"]
+    cache = 0
+    if plan["training_source"] == "cache":
+        where = warehouse.activation_cache_dir(
+            out or default_warehouse(), cache_key(extract_config(run_settings(plan))))
+        done = sum(f.stat().st_size for f in where.rglob("*") if f.is_file()) \
+            if where.exists() else 0
+        cache = max(0, plan["cache_bytes"] - done)
+    eval_tokens = -(-plan["eval_tokens"] // plan["seq_len"]) * plan["seq_len"]
+    latents_rows = sum(eval_tokens * len(s["layers"]) * s["k"]
+                       for s in plan["specs"] if s["role"] == "mlsae")
+    # float32 weights, and Adam's two moments in the checkpoint
+    weights = sum(4 * (2 * s["n_latents"] * d_model + s["n_latents"] + d_model)
+                  for s in plan["specs"])
+    return {"cache": cache, "latents_rows": latents_rows,
+            "latents": int(latents_rows * LATENT_BYTES_PER_ROW), "checkpoints": 3 * weights,
+            "autoencoders": weights, "free": free_bytes(out)}
+
+
+def _check_disk(disk: dict[str, int], problems: list[str]) -> None:
+    from mlsae.estimate import format_bytes
+
+    needed = disk["cache"] + disk["latents"] + disk["checkpoints"] + disk["autoencoders"]
+    if needed <= disk["free"]:
+        return
+    parts = ", ".join(f"{name} {format_bytes(disk[name])}" for name in
+                      ("cache", "latents", "checkpoints", "autoencoders") if disk[name])
+    fix = ("--cache-limit 0 streams instead of caching, " if disk["cache"] else "")
+    problems.append(f"this run writes ~{format_bytes(needed)} ({parts}) but the warehouse's "
+                    f"disk has {format_bytes(disk['free'])} free: free space, use another --out, "
+                    f"{fix}or lower --eval-tokens / the grid")
 
 
 def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
@@ -602,6 +729,10 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
         raise InvalidRequest("invalid parameters:\n  - " + "\n  - ".join(problems))
 
     budget = dataclasses.replace(budget, batch_tokens=batch_tokens)
+    notes: list[str] = []
+    corpus = _corpus_sizes(target, info)
+    budget = _fit_held_out(budget, corpus, request.explicit["budget"], target.data, problems,
+                           notes)
     lenses = {"off": [False], "on": [True], "both": [False, True]}[grid.lens]
     specs: list[SAESpec] = []
     for use_lens in lenses:
@@ -628,16 +759,23 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
                     specs += [spec("baseline", [layer]) for layer in chosen]
 
     n_sequences = -(-budget.train_tokens // budget.seq_len)
+    if corpus.get("train"):  # a cache holds at most the whole split (reread for epochs)
+        n_sequences = min(n_sequences, max(1, corpus["train"] // budget.seq_len))
     cache_bytes = cache_bytes_for(n_sequences, budget.seq_len, len(chosen), d_model)
     limit = (parse_size(budget.cache_limit) if budget.cache_limit is not None
              else default_cache_limit(out))
+    source = "cache" if 0 < cache_bytes <= limit else "stream"
+    _check_training_corpus(budget, corpus, source, "train_tokens" in request.explicit["budget"],
+                           target.data, problems, notes)
     plan = Plan(
         request=request.to_dict(), model=info, data=target.data, layers=chosen,
         train_tokens=budget.train_tokens, eval_tokens=budget.eval_tokens, seq_len=budget.seq_len,
         seed=budget.seed, lr=budget.lr, device=target.device, batch_tokens=batch_tokens,
         budget=dataclasses.asdict(budget), target=dataclasses.asdict(target), specs=specs,
-        training_source="cache" if 0 < cache_bytes <= limit else "stream",
-        cache_bytes=cache_bytes, cache_limit_bytes=limit)
+        training_source=source, cache_bytes=cache_bytes, cache_limit_bytes=limit,
+        corpus_tokens=corpus, notes=notes, disk={})
+    plan["disk"] = disk_plan(plan, out)
+    _check_disk(plan["disk"], problems)
     for one in specs:  # the library's own checks on the exact configs training will use
         try:
             train_config(plan, one)
@@ -753,8 +891,7 @@ def run_settings(plan: Plan | dict) -> dict[str, Any]:
     """What every step of one model needs from the plan, without the list of autoencoders
     (so adding a config to a grid does not invalidate the cached steps of the others) and
     without the cache limit (which changes where data comes from, not the results)."""
-    skip = {"specs", "request", "training_source", "cache_bytes", "cache_limit_bytes"}
-    settings = {key: value for key, value in plan.items() if key not in skip}
+    settings = {key: value for key, value in plan.items() if key not in PLAN_ONLY}
     settings["budget"] = {k: v for k, v in plan["budget"].items() if k != "cache_limit"}
     return settings
 
@@ -762,7 +899,7 @@ def run_settings(plan: Plan | dict) -> dict[str, Any]:
 def stable_plan(plan: Plan | dict) -> dict[str, Any]:
     """The plan without what changes from one identical run to the next (the default cache
     limit follows the free disk space), for steps whose cache key includes the plan."""
-    return {key: value for key, value in plan.items() if key != "cache_limit_bytes"}
+    return {key: value for key, value in plan.items() if key not in ("cache_limit_bytes", "disk")}
 
 
 def extract_config(settings: Plan | dict, split: str = "train", tokens: int | None = None,

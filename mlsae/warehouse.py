@@ -207,6 +207,29 @@ def table_glob(warehouse_dir: str | os.PathLike, table: str) -> str:
 AUTOENCODERS_DIR = "autoencoders"
 
 
+def activation_cache_dir(warehouse_dir: str | os.PathLike, key: str) -> Path:
+    """Where the activation cache with this key (mlsae.extract.cache_key) lives."""
+    return Path(warehouse_dir) / "activations" / key
+
+
+def activation_caches(warehouse_dir: str | os.PathLike) -> list[Path]:
+    """Every activation cache directory of the warehouse."""
+    root = Path(warehouse_dir) / "activations"
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def autoencoder_dirs(warehouse_dir: str | os.PathLike) -> list[Path]:
+    """Every autoencoder (training run) directory of the warehouse."""
+    root = Path(warehouse_dir) / "autoencoders"
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def trash_dir(warehouse_dir: str | os.PathLike) -> Path:
+    """Where directories go to be deleted: moved here first (one rename), so a kill
+    mid-delete never leaves a half-deleted directory where a reader looks."""
+    return Path(warehouse_dir) / ".tmp" / "trash"
+
+
 def autoencoder_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
     """<warehouse>/autoencoders/<id>: one autoencoder's training run (checkpoints) and its
     saved weights in sae/ (MLSAE.from_pretrained). Not <warehouse>/saes: that is the table."""

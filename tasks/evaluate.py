@@ -9,9 +9,9 @@ from typing import Any, TypedDict
 from prefect import task
 
 from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, progress_log, run_logger
-from tasks.latents import LatentsManifest, eval_data
+from tasks.latents import LatentsManifest, eval_data, eval_memory
 from tasks.lens import LensManifest, load_lens
-from tasks.train import TrainManifest, pick_trained
+from tasks.train import TrainManifest, flatten_trained, pick_trained
 
 METRICS = ("fvu", "mse", "l0", "dead_fraction", "delta_ce", "kl")
 
@@ -45,32 +45,64 @@ def _mean(rows: list[dict[str, Any]], name: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-@task(name="evaluate-autoencoder", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def evaluate_autoencoder(trained: TrainManifest | list[TrainManifest], sae_id: str,
-                         logged: LatentsManifest | None, lens: LensManifest | None,
-                         settings: dict, out: str) -> EvalManifest:
-    """FVU, MSE, L0, dead fraction, delta CE and KL per layer; writes `layer_metrics`
-    (then the `saes` row, if logging latents did not already)."""
+def _record(out: str, trained: TrainManifest, sae: Any, model_name: str, metrics: list
+            ) -> EvalManifest:
     from mlsae.latents import sae_record_from_config, write_layer_metrics, write_sae_record
-    from mlsae.models import load_model
-    from mlsae.sae import MLSAE, evaluate_sae
 
-    trained = pick_trained(trained, sae_id)
-    model, device = settings["model"]["name"], settings["device"]
-    loaded = load_model(model, device=device)
-    sae = MLSAE.from_pretrained(trained["sae_dir"]).to(next(loaded.model.parameters()).device)
-    basis = load_lens(lens, loaded, out)
-    with gpu_slot(device):
-        metrics = evaluate_sae(sae, loaded, eval_data(settings), basis=basis,
-                               progress_log=progress_log())
     rows = [_as_dict(m) for m in metrics]
     sae_id = trained["sae_id"]
     path = write_layer_metrics(out, sae_id, rows)
     # Last: a `saes` row with metrics is what marks this autoencoder as done (rerun).
-    write_sae_record(out, sae_record_from_config(sae_id, sae.cfg, loaded.name,
+    write_sae_record(out, sae_record_from_config(sae_id, sae.cfg, model_name,
                                                  trained["train_tokens"]))
     mean = {name: _mean(rows, name) for name in METRICS}
     run_logger().info("%s: mean FVU %s, delta CE %s, L0 %s", sae_id,
                       *(f"{mean[m]:.4g}" if mean[m] is not None else "n/a"
                         for m in ("fvu", "delta_ce", "l0")))
     return EvalManifest(sae_id=sae_id, layers=rows, mean=mean, metrics_path=str(path))
+
+
+@task(name="evaluate-autoencoders", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
+def evaluate_autoencoders(trained: list[Any], sae_ids: list[str], logged: list[Any],
+                          lens: LensManifest | None, lens_ids: list[str], settings: dict,
+                          out: str) -> list[EvalManifest]:
+    """FVU, MSE, L0, dead fraction, delta CE and KL per layer of every autoencoder of one
+    model in one pass over the held-out text (one clean forward pass per batch, shared);
+    writes `layer_metrics` (then the `saes` rows, if logging latents did not already).
+    trained: manifests, or streaming groups' lists; lens_ids: those trained in the lens basis;
+    logged: the latent tables (only a dependency: their `saes` rows come first)."""
+    from mlsae.models import load_model
+    from mlsae.sae import MLSAE
+    from mlsae.sae.evaluate import evaluate_saes
+
+    chosen = [pick_trained(flatten_trained(trained), sae_id) for sae_id in sae_ids]
+    loaded = load_model(settings["model"]["name"], device=settings["device"])
+    device = next(loaded.model.parameters()).device
+    saes = [MLSAE.from_pretrained(t["sae_dir"]).to(device) for t in chosen]
+    basis = load_lens(lens, loaded, out) if lens_ids else None
+    with gpu_slot(settings["device"]):
+        metrics = evaluate_saes(saes, loaded, eval_data(settings),
+                                [basis if t["sae_id"] in lens_ids else None for t in chosen],
+                                memory_bytes=eval_memory(settings), progress_log=progress_log())
+    return [_record(out, t, sae, loaded.name, m)
+            for t, sae, m in zip(chosen, saes, metrics, strict=True)]
+
+
+@task(name="evaluate-autoencoder", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
+def evaluate_autoencoder(trained: TrainManifest | list[TrainManifest], sae_id: str,
+                         logged: LatentsManifest | None, lens: LensManifest | None,
+                         settings: dict, out: str) -> EvalManifest:
+    """evaluate-autoencoders of one autoencoder (a flow with one, e.g. an imported one)."""
+    from mlsae.models import load_model
+    from mlsae.sae import MLSAE
+    from mlsae.sae.evaluate import evaluate_saes
+
+    chosen = pick_trained(trained, sae_id)
+    loaded = load_model(settings["model"]["name"], device=settings["device"])
+    sae = MLSAE.from_pretrained(chosen["sae_dir"]).to(next(loaded.model.parameters()).device)
+    basis = load_lens(lens, loaded, out)
+    with gpu_slot(settings["device"]):
+        (metrics,) = evaluate_saes([sae], loaded, eval_data(settings), [basis],
+                                   memory_bytes=eval_memory(settings),
+                                   progress_log=progress_log())
+    return _record(out, chosen, sae, loaded.name, metrics)

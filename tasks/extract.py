@@ -23,9 +23,10 @@ class CacheManifest(TypedDict):
 
 
 def cache_dir_for(out: str, cfg) -> Path:
+    from mlsae import warehouse
     from mlsae.extract import cache_key
 
-    return Path(out) / "activations" / cache_key(cfg)
+    return warehouse.activation_cache_dir(out, cache_key(cfg))
 
 
 @task(name="extract-activations", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)

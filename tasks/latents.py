@@ -21,6 +21,14 @@ class LatentsManifest(TypedDict):
     tokens_dir: str
 
 
+def eval_memory(settings: dict) -> int | None:
+    """The run's --eval-memory in bytes (None: the device's default)."""
+    from mlsae.plan import parse_size
+
+    memory = settings["budget"].get("eval_memory")
+    return parse_size(memory) if memory is not None else None
+
+
 def eval_data(settings: dict):
     """The held-out text every metric and latent table uses: the test split, same budget."""
     from mlsae.plan import data_config
@@ -44,7 +52,7 @@ def log_latent_tables(trained: TrainManifest | list[TrainManifest], sae_id: str,
     with gpu_slot(device):
         result = log_latents(
             trained["sae_dir"], loaded, eval_data(settings), out,
-            trained["sae_id"], basis=basis, config=LatentLogConfig(device=device),
+            trained["sae_id"], basis=basis, config=LatentLogConfig(device=device, memory_bytes=eval_memory(settings)),
             train_tokens=trained["train_tokens"], progress_log=progress_log())
     run_logger().info("%s: %d latent rows over %d tokens (%.1f bytes/row), %d part(s) written; "
                       "per-part sums for the views: %.2f bytes/row, %.1fs",

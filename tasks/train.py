@@ -38,6 +38,11 @@ def autoencoder_dir(out: str, sae_id: str) -> Path:
     return in_warehouse(out, sae_id)
 
 
+def flatten_trained(trained: list[Any]) -> list[TrainManifest]:
+    """Manifests from a list of training results (one manifest, or a streaming group's list)."""
+    return [m for item in trained for m in ([item] if isinstance(item, dict) else item)]
+
+
 def pick_trained(trained: TrainManifest | list[TrainManifest], sae_id: str) -> TrainManifest:
     """The manifest of `sae_id` from one task's manifest or a streaming group's list."""
     found = [trained] if isinstance(trained, dict) else list(trained)
