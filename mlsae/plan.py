@@ -230,6 +230,9 @@ class Budget:
     """Largest activation cache to write, e.g. 20GB: a training set that fits is extracted
     to disk once (reused by later runs); a larger one is streamed from the model. 0 =
     always stream. [default: half the free disk space]"""
+    checkpoint_minutes: float | None = field(default=None, metadata=cli())
+    """Minutes of training between exact-resume checkpoints (and one at the end, and on
+    Ctrl-C): what a kill can lose, however long a step takes. [default: 10]"""
     eval_memory: str | None = field(default=None, metadata=cli())
     """Working memory for evaluation and latent logging passes, e.g. 4GiB: sets how many
     sequences one forward pass takes (logged). [default: 2 GiB on a CPU, half the free
@@ -239,7 +242,7 @@ class Budget:
         for name in ("train_tokens", "eval_tokens", "seq_len", "batch_tokens", "k_aux",
                      "dead_tokens", "shuffle_tokens"):
             _check_positive("Budget", name, getattr(self, name))
-        for name in ("lr", "adam_eps"):
+        for name in ("lr", "adam_eps", "checkpoint_minutes"):
             _check_positive("Budget", name, getattr(self, name), float)
         if self.seq_len is not None and self.seq_len < 2:
             _fail("Budget", "seq_len", self.seq_len, "must be >= 2 (next-token metrics need two)")
@@ -291,7 +294,7 @@ FIXED_DEFAULTS: dict[str, dict[str, Any]] = {
     "target": dict(model="embedded", data="embedded", text_column="text", device="auto",
                    precision="float32"),
     "grid": {},
-    "budget": dict(seed=0, adam_eps=6.25e-10, aux_coef=1 / 32),
+    "budget": dict(seed=0, adam_eps=6.25e-10, aux_coef=1 / 32, checkpoint_minutes=10.0),
 }
 
 
@@ -408,7 +411,6 @@ PLAN_ONLY = ("specs", "request", "training_source", "cache_bytes", "cache_limit_
 out of every step's settings (and so of their cache keys)."""
 
 LEGACY_BATCH_TOKENS = 4096
-CHECKPOINTS_PER_RUN = 10
 REFERENCE_K_AUX = 256
 REFERENCE_DEAD_TOKENS = 10_000_000
 CACHE_BYTES_PER_VALUE = 2  # float16 cache
@@ -875,7 +877,6 @@ def train_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None = Non
         lens = "tuned-lens"
     budget = plan["budget"]
     seed = plan["seed"] + (1 + spec["layers"][0] if spec["role"] == "baseline" else 0)
-    n_steps = max(1, plan["train_tokens"] // plan["batch_tokens"])
     precision = plan["target"].get("precision") or "float32"
     return TrainConfig(
         sae=sae_config(plan, spec, lens), train_tokens=plan["train_tokens"],
@@ -884,7 +885,7 @@ def train_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None = Non
         # A buffer larger than the whole budget only makes a stream read past the budget.
         shuffle_tokens=min(budget.get("shuffle_tokens") or 65_536, plan["train_tokens"]),
         autocast=None if precision == "float32" else precision,
-        checkpoint_every=max(1, n_steps // CHECKPOINTS_PER_RUN))
+        checkpoint_every=0, checkpoint_seconds=60 * (budget.get("checkpoint_minutes") or 10.0))
 
 
 def run_settings(plan: Plan | dict) -> dict[str, Any]:

@@ -273,10 +273,11 @@ def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api
 
 # A dictionary big enough that a training step takes a while, and a resume checkpoint
 # after every step (4 steps of 4096 tokens).
+# Checkpoints every ~0.1 s of training, so the kill lands between two of them.
 RESUME = ["-R", "16", "-k", "16", "--train-tokens", "16384", "--eval-tokens", "256",
-          "--seq-len", "64", "--no-baselines"]
+          "--seq-len", "64", "--no-baselines", "--checkpoint-minutes", "0.002"]
 RESUME_PARAMS = dict(expansion_factors=[16], ks=[16], train_tokens=16384, eval_tokens=256,
-                     seq_len=64, baselines=False)
+                     seq_len=64, baselines=False, checkpoint_minutes=0.002)
 
 
 def _mlsae_run(out: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:

@@ -187,3 +187,29 @@ def test_progress_total_is_the_whole_budget_on_resume(loaded, tmp_path):
 
 # Tiny shapes: a second thread only adds synchronization.
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_checkpoints_follow_wall_time_not_steps(loaded, tmp_path, monkeypatch):
+    """checkpoint_every=0 with checkpoint_seconds: a checkpoint once that much (fake) time
+    passed since the last one, none before; plus the one at the end."""
+    import mlsae.sae.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    saved: list[int] = []
+    real_save = train_module._Member.save
+
+    def counting_save(self):
+        saved.append(self.state.step)
+        real_save(self)
+
+    monkeypatch.setattr(train_module._Member, "save", counting_save)
+
+    def tick(state, out):
+        clock[0] += 25.0  # each step "takes" 25 s
+
+    cfg = _cfg(checkpoint_every=0, checkpoint_seconds=60.0)
+    train_sae(cfg, _stream(loaded), tmp_path / "run", on_step=tick, progress_log=_quiet)
+    # a step's check sees the time of the steps before it: saves after steps 4 and 7
+    # (75 s, 150 s since the last save), then the end (8)
+    assert saved[:-1] == [4, 7] and saved[-1] == 8

@@ -149,6 +149,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Write the exact-resume checkpoint every this many steps (and at the end); 0 = only at
     the end."""
+    checkpoint_seconds: float = 0.0
+    """Also write it once this many seconds passed since the last write (0 = off): bounds
+    the work a kill loses however long a step takes."""
     geometric_median_iters: int = 100
     """Weiszfeld iterations for the decoder bias initialization (first batch)."""
     device: str = "auto"
@@ -182,6 +185,9 @@ class TrainConfig:
         if isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0:
             raise ValueError("TrainConfig.checkpoint_every must be >= 0 steps (0 = only at the "
                              f"end), got {self.checkpoint_every!r}")
+        if isinstance(self.checkpoint_seconds, bool) or not self.checkpoint_seconds >= 0:
+            raise ValueError("TrainConfig.checkpoint_seconds must be >= 0 (0 = off), got "
+                             f"{self.checkpoint_seconds!r}")
         if not isinstance(self.shuffle, bool):
             raise ValueError(f"TrainConfig.shuffle must be True or False, got {self.shuffle!r}")
         if self.data_seed is not None and (isinstance(self.data_seed, bool)

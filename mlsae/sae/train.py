@@ -155,6 +155,8 @@ class _Member:
     tokens0: int
     last_saved: int
     verified: bool = False
+    saved_at: float = dataclasses.field(default_factory=lambda: time.perf_counter())
+    """When its checkpoint was last written (or training started)."""
     """Its checkpoint's data position was checked against the shared one."""
 
     @property
@@ -168,6 +170,13 @@ class _Member:
     def save(self) -> None:
         self.state.save(self.ckpt, self.cfg)
         self.last_saved = self.state.step
+        self.saved_at = time.perf_counter()
+
+    def checkpoint_due(self) -> bool:
+        cfg = self.cfg
+        return bool((cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0)
+                    or (cfg.checkpoint_seconds
+                        and time.perf_counter() - self.saved_at >= cfg.checkpoint_seconds))
 
 
 def _open_source(source: Source, source_layers: list[int] | None, layers: list[int]):
@@ -340,6 +349,11 @@ def train_many(cfgs: list[TrainConfig], source: Source, out_dirs: list[str | os.
     for m in members:
         m.state.model.train()
     last_out: dict[int, StepOutput] = {}
+    # Separate clocks for getting the data (the model's forward passes, for a stream) and
+    # for the SAE steps, so the progress line shows each rate, not only their mix.
+    data_label = "model tok/s" if isinstance(source, ActivationStream) else "read tok/s"
+    data_s = steps_s = 0.0
+    data_tokens = 0
     while shared < n_steps:
         for m in members:
             if m.state.step == shared and not m.verified:
@@ -351,19 +365,26 @@ def train_many(cfgs: list[TrainConfig], source: Source, out_dirs: list[str | os.
                         f"at that step ({tuple(cursor.position)} in tokens): were these SAEs "
                         "trained together on this source? Train them separately or start over")
                 m.verified = True
+        tick = time.perf_counter()
         pieces = cursor.take(batch_tokens)
+        data_s += time.perf_counter() - tick
         if pieces is None:
             break
+        data_tokens += batch_tokens
+        tick = time.perf_counter()
         for i, m in enumerate(members):
             if m.state.step != shared:  # ahead (its checkpoint was written later): wait
                 continue
             last_out[i] = _step(m, pieces, cursor.position, batch_tokens)
             if on_step is not None:
                 on_step(i, m.state, last_out[i])
+        steps_s += time.perf_counter() - tick
         shared += 1
         outs = list(last_out.values())
         fields = {k: sum(getattr(o, k) for o in outs) / len(outs)
                   for k in ("loss", "fvu", "l0", "dead_fraction")} if outs else {}
+        fields[data_label] = f"{data_tokens / max(data_s, 1e-9):,.0f}"
+        fields["sae tok/s"] = f"{data_tokens / max(steps_s, 1e-9):,.0f}"
         progress.update(batch_tokens, **fields)
         if should_stop is not None and shared < n_steps and should_stop():
             for m in members:
@@ -399,7 +420,7 @@ def _step(m: _Member, pieces, position: DataPosition, batch_tokens: int) -> Step
     state.history.append({"step": state.step, "tokens": state.tokens, "loss": out.loss,
                           "fvu": out.fvu, "auxk": out.auxk, "l0": out.l0,
                           "dead_fraction": out.dead_fraction})
-    if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+    if m.checkpoint_due():
         m.save()
     return out
 
