@@ -74,10 +74,12 @@ def next_token_ce_kl(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, token
 
 def chunked_ce_kl(unembed: Callable[[Tensor], Tensor], h_clean_BTD: Tensor,
                   h_spliced: dict[int, Tensor], tokens_BT: Tensor, count_BT: Tensor,
-                  vocab: int, budget_bytes: int = 256 * 2**20) -> dict[int, CeKlSums]:
+                  vocab: int, budget_bytes: int = 256 * 2**20,
+                  on_chunk: Callable[[float], None] | None = None) -> dict[int, CeKlSums]:
     """next_token_ce_kl for several spliced runs (by layer) from last hidden states, unembedding
     a chunk of positions at a time: the clean chunk once, then each layer's. Memory: about
-    six [B, chunk, V] float32 tensors, with chunk chosen to fit `budget_bytes`."""
+    six [B, chunk, V] float32 tensors, with chunk chosen to fit `budget_bytes`.
+    on_chunk(share): called after each chunk with the share of the positions it covered."""
     n_b, n_t = tokens_BT.shape
     chunk = max(1, budget_bytes // (6 * 4 * n_b * vocab))
     sums = {layer: [0.0, 0.0, 0.0, 0] for layer in h_spliced}
@@ -90,6 +92,8 @@ def chunked_ce_kl(unembed: Callable[[Tensor], Tensor], h_clean_BTD: Tensor,
             total = sums[layer]
             for i, value in enumerate(part):
                 total[i] += value
+        if on_chunk is not None:
+            on_chunk((t1 - t0) / (n_t - 1))
     return {layer: CeKlSums(*total) for layer, total in sums.items()}
 
 
@@ -232,7 +236,8 @@ def evaluate_saes(saes: Sequence[MLSAE], loaded: Any, data: Any,
     log = progress_log or (lambda line: print(line, file=__import__("sys").stderr, flush=True))
     log(f"evaluate: {len(saes)} autoencoder(s), {tokens_BT.shape[0]} sequences of "
         f"{tokens_BT.shape[1]} tokens, {batch} per pass ({sizing.describe()})")
-    # One unit per (token, SAE layer), so the line moves within a batch of a large model.
+    # One unit per (token, SAE layer): half for its splice, half for its CE/KL chunks, so the
+    # line moves within a batch of a large model.
     per_token = sum(map(len, layers_of))
     progress = Progress("evaluate sae", total=float(mask_BT.sum()) * per_token,
                         unit="token-layers", log=log)
@@ -271,10 +276,14 @@ def evaluate_saes(saes: Sequence[MLSAE], loaded: Any, data: Any,
                 else:
                     logits = tail_forward(model, clean, layer, spliced_BTD, logits=True)
                     acc[layer].add_ce_kl(next_token_ce_kl(clean_logits, logits, ids, mask))
-                progress.update(n_tokens)
+                progress.update(n_tokens * (0.5 if unembed is not None else 1.0))
             if h_spliced:
+                def chunk_done(share: float, units: float = 0.5 * n_tokens * len(h_spliced)
+                               ) -> None:
+                    progress.update(units * share)
+
                 for layer, sums in chunked_ce_kl(unembed, clean.final_BTD, h_spliced, ids, mask,
-                                                 vocab, logits_budget).items():
+                                                 vocab, logits_budget, chunk_done).items():
                     acc[layer].add_ce_kl(sums)
         del clean, clean_logits
     results = [[acc[layer].result() for layer in layers] for acc, layers in zip(
