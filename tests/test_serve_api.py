@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlsae import warehouse as wh
-from tests.serve_warehouse import SAE_ID, build_serve_warehouse
+from tests.serve_warehouse import LENS_SAE_ID, SAE_ID, build_serve_warehouse
 
 PROMPT = "When John and Mary went to the store, John gave a drink to"
 
@@ -29,16 +29,22 @@ def client(warehouse):
         yield c
 
 
+@pytest.fixture(scope="module", params=[SAE_ID, LENS_SAE_ID])
+def sae_id(request):
+    """Each test that takes it runs on the plain SAE and on the one in a tuned-lens basis."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def handle(client):
+def handle(client, sae_id):
     """The explorer's own loaded SAE + model (loaded once, shared with the tests)."""
     explorer = client.app.state.explorer
-    return explorer.loader.get(explorer.catalog.sae(SAE_ID))
+    return explorer.loader.get(explorer.catalog.sae(sae_id))
 
 
 @pytest.fixture(scope="module")
-def prompt_reply(client):
-    r = client.post("/api/prompt", json={"sae_id": SAE_ID, "text": PROMPT, "layer": 2,
+def prompt_reply(client, sae_id):
+    r = client.post("/api/prompt", json={"sae_id": sae_id, "text": PROMPT, "layer": 2,
                                          "steer": {"latent": 3, "layer": 1, "factor": 0.0}})
     assert r.status_code == 200, r.text
     return r.json()
@@ -55,11 +61,14 @@ def _query(warehouse, sql, params=None):
 def test_saes_lists_every_sae_with_its_panels(client, warehouse):
     r = client.get("/api/saes")
     assert r.status_code == 200
-    (sae,) = r.json()
+    sae, lens_sae = r.json()
     assert sae["sae_id"] == SAE_ID and sae["layers"] == [0, 1, 2, 3, 4, 5]
-    metrics = _query(warehouse, "SELECT * FROM layer_metrics ORDER BY layer")
+    assert lens_sae["sae_id"] == LENS_SAE_ID and lens_sae["lens"] == "embedded"
+    assert sae["lens"] is None
+    metrics = _query(warehouse, "SELECT * FROM layer_metrics WHERE sae_id = ? ORDER BY layer",
+                     [SAE_ID])
     assert [m["fvu"] for m in sae["layer_metrics"]["rows"]] == [m["fvu"] for m in metrics]
-    summary = _query(warehouse, "SELECT * FROM variance_summary")[0]
+    summary = _query(warehouse, "SELECT * FROM variance_summary WHERE sae_id = ?", [SAE_ID])[0]
     assert sae["variance_summary"]["rows"][0]["ratio_token"] == pytest.approx(
         summary["ratio_token"], rel=1e-12)
 
@@ -73,7 +82,11 @@ def test_prompt_activations_equal_the_encoder(prompt_reply, handle):
     with torch.no_grad():
         x_TLD = capture_residuals(handle.loaded.model, torch.tensor([ids]), handle.layers)[0]
         T, L, D = x_TLD.shape
-        out = handle.sae.encode(x_TLD.reshape(T * L, D))
+        x_ND = x_TLD.reshape(T * L, D)
+        if handle.basis is not None:
+            x_ND = handle.basis.to_sae(x_ND, torch.tensor(handle.layers).repeat(T))
+        out = handle.sae.encode(x_ND)
+    assert (handle.basis is None) == (prompt_reply["sae_id"] == SAE_ID)
     acts = out.top_acts_NK.reshape(T, L, -1).numpy()
     idx = out.top_idx_NK.reshape(T, L, -1).numpy()
     for t in range(T):
@@ -107,11 +120,11 @@ def test_prompt_heatmap_is_spec_fig3(prompt_reply):
     assert expected == sorted(expected)
 
 
-def test_steering_factor_zero_gives_the_clean_logits(prompt_reply, client):
+def test_steering_factor_zero_gives_the_clean_logits(prompt_reply, client, sae_id):
     logits = prompt_reply["logits"]
     assert logits["steered"] == logits["clean"]
     assert logits["steered_cost"]["delta_ce"] == 0.0 and logits["steered_cost"]["kl"] == 0.0
-    r = client.post("/api/prompt", json={"sae_id": SAE_ID, "text": PROMPT,
+    r = client.post("/api/prompt", json={"sae_id": sae_id, "text": PROMPT,
                                          "steer": {"latent": 3, "layer": 1, "factor": 50.0}})
     assert r.status_code == 200
     assert r.json()["logits"]["steered"] != r.json()["logits"]["clean"]
@@ -153,28 +166,28 @@ def test_reconstruction_logits_equal_the_evaluation_splice(prompt_reply, handle)
 
 
 @pytest.fixture(scope="module")
-def busiest_latent(warehouse):
-    return _query(warehouse, "SELECT latent FROM latent_stats ORDER BY count DESC, latent "
-                             "LIMIT 1")[0]["latent"]
+def busiest_latent(warehouse, sae_id):
+    return _query(warehouse, "SELECT latent FROM latent_stats WHERE sae_id = ? ORDER BY count "
+                             "DESC, latent LIMIT 1", [sae_id])[0]["latent"]
 
 
-def test_latent_numbers_equal_the_views(client, warehouse, busiest_latent, handle):
+def test_latent_numbers_equal_the_views(client, warehouse, busiest_latent, handle, sae_id):
     j = busiest_latent
-    r = client.get(f"/api/latent/{SAE_ID}/{j}")
+    r = client.get(f"/api/latent/{sae_id}/{j}")
     assert r.status_code == 200, r.text
     data = r.json()
     stats = _query(warehouse, "SELECT * FROM latent_stats WHERE sae_id = ? AND latent = ?",
-                   [SAE_ID, j])[0]
+                   [sae_id, j])[0]
     got = data["stats"]["rows"][0]
     for key in ("count", "mass", "expected_layer", "layer_std", "token_var", "prompt_var"):
         assert got[key] == pytest.approx(stats[key], rel=1e-12), key
     layers = _query(warehouse, "SELECT layer, p FROM latent_layers WHERE sae_id = ? AND "
-                               "latent = ?", [SAE_ID, j])
+                               "latent = ?", [sae_id, j])
     dist = {row["layer"]: row["p"] for row in data["distribution"]["rows"]}
     assert dist == pytest.approx({**dict.fromkeys(range(6), 0.0),
                                   **{row["layer"]: row["p"] for row in layers}}, rel=1e-12)
     top = _query(warehouse, "SELECT layer, value, context FROM top_contexts(n := 5) "
-                            "WHERE sae_id = ? AND latent = ?", [SAE_ID, j])
+                            "WHERE sae_id = ? AND latent = ?", [sae_id, j])
     assert sorted((c["layer"], c["value"]) for c in data["contexts"]["rows"]) == sorted(
         (c["layer"], c["value"]) for c in top)
     for c in data["contexts"]["rows"]:
@@ -188,13 +201,13 @@ def test_latent_numbers_equal_the_views(client, warehouse, busiest_latent, handl
     assert [t["id"] for t in data["tokens"]["promoted"]] == unembed.topk(10).indices.tolist()
 
 
-def test_every_panel_sql_runs_with_mlsae_sql(client, warehouse, busiest_latent):
+def test_every_panel_sql_runs_with_mlsae_sql(client, warehouse, busiest_latent, sae_id):
     from click.testing import CliRunner
 
     from flows.cmd_sql import command as sql_command
 
-    data = client.get(f"/api/latent/{SAE_ID}/{busiest_latent}").json()
-    home = client.get("/api/saes").json()[0]
+    data = client.get(f"/api/latent/{sae_id}/{busiest_latent}").json()
+    home = next(s for s in client.get("/api/saes").json() if s["sae_id"] == sae_id)
     for panel in (data["stats"], data["distribution"], data["contexts"],
                   home["layer_metrics"], home["variance_summary"]):
         result = CliRunner().invoke(sql_command, ["--out", str(warehouse), "--format", "json",
@@ -266,7 +279,7 @@ def test_injection_attempts_are_harmless(client, warehouse, attack):
     r = client.post("/api/prompt", json={"sae_id": SAE_ID, "text": attack})
     assert r.status_code == 200
     assert "".join(t["text"] for t in r.json()["tokens"]) == attack  # text, never code
-    assert client.get("/api/saes").json()[0]["sae_id"] == SAE_ID
+    assert [s["sae_id"] for s in client.get("/api/saes").json()] == [SAE_ID, LENS_SAE_ID]
     assert _query(warehouse, "SELECT count(*) AS n FROM latents")[0]["n"] == before
 
 

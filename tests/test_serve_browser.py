@@ -92,7 +92,7 @@ def test_home_prompt_latent_context(server, browser, tmp_path):
     browser.get(base + "/")
     assert _wait_ready(browser) == "1"
     browser.save_screenshot(str(tmp_path / "home.png"))
-    assert len(_css(browser, "#sae-table tr[data-sae]")) == 1
+    assert len(_css(browser, "#sae-table tr[data-sae]")) == 2  # plain + tuned-lens SAE
     assert len(_css(browser, "#metrics-charts svg")) == 5
     assert len(_css(browser, "#variance-table tr")) > 5
     _no_console_errors(browser)

@@ -4,6 +4,7 @@ SAEs trained on it."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +34,22 @@ def sae_dir(warehouse_dir: Path, sae_id: str) -> Path | None:
         if (path / "config.json").exists() and (path / "model.safetensors").exists():
             return path
     return None
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run the block on one torch thread. The lens' batched float64 inverse
+    (torch.linalg.inv in mlsae.lens.TunedLensBasis) fails inside oneMKL ("Parameter 6 was
+    incorrect on entry to DLASWP", then hangs) after an explicit torch.set_num_threads(2)
+    with the CPU build of torch 2.13.0; on one thread it is fine (and takes milliseconds)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Loader:
@@ -76,5 +93,6 @@ class Loader:
         lens = record.get("lens")
         basis = None
         if lens not in (None, "", "none"):
-            basis = load_basis(lens, loaded, cache_dir=self.root / "lenses")
+            with one_torch_thread():
+                basis = load_basis(lens, loaded, cache_dir=self.root / "lenses")
         return SaeHandle(sae_id, sae, loaded, basis, [int(x) for x in record["layers"]])
