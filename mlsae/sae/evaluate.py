@@ -51,25 +51,41 @@ class CeKlSums(NamedTuple):
     count: int
 
 
-def _ce_kl_sums(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, target_BT: Tensor,
-                w_BT: Tensor) -> CeKlSums:
-    """Sums of CE(clean), CE(spliced) and KL(clean||spliced) over positions weighted by w."""
+class _CleanTerms(NamedTuple):
+    """What every spliced run of one chunk compares with: computed once per chunk."""
+
+    lp_BTV: Tensor
+    """log p_clean (float32)."""
+    p_BTV: Tensor
+    target_BT1: Tensor
+    w_BT: Tensor
+    ce_sum: float
+
+
+def _clean_terms(logits_clean_BTV: Tensor, target_BT: Tensor, w_BT: Tensor) -> _CleanTerms:
     lp_c = torch.log_softmax(logits_clean_BTV.float(), dim=-1)
-    lp_s = torch.log_softmax(logits_spliced_BTV.float(), dim=-1)
     target = target_BT.to(lp_c.device, torch.long).unsqueeze(-1)
     w = w_BT.to(lp_c.device, torch.float64)
     ce_c = -lp_c.gather(-1, target).squeeze(-1).double()
-    ce_s = -lp_s.gather(-1, target).squeeze(-1).double()
-    kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1).double()
-    return CeKlSums(float((ce_c * w).sum()), float((ce_s * w).sum()), float((kl * w).sum()),
+    return _CleanTerms(lp_c, lp_c.exp(), target, w, float((ce_c * w).sum()))
+
+
+def _spliced_sums(clean: _CleanTerms, logits_spliced_BTV: Tensor) -> CeKlSums:
+    """Sums of CE(clean), CE(spliced) and KL(clean||spliced) over positions weighted by w."""
+    lp_s = torch.log_softmax(logits_spliced_BTV.float(), dim=-1)
+    ce_s = -lp_s.gather(-1, clean.target_BT1).squeeze(-1).double()
+    # KL = sum_v p_c (lp_c - lp_s); the difference in place over lp_s (no new [B, T, V])
+    kl = torch.einsum("btv,btv->bt", clean.p_BTV, torch.sub(clean.lp_BTV, lp_s, out=lp_s))
+    w = clean.w_BT
+    return CeKlSums(clean.ce_sum, float((ce_s * w).sum()), float((kl.double() * w).sum()),
                     int(w.sum()))
 
 
 def next_token_ce_kl(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, tokens_BT: Tensor,
                      count_BT: Tensor) -> CeKlSums:
     """Sums over positions t < T-1 with count_BT[:, t] of CE(clean), CE(spliced), KL(clean||spliced)."""
-    return _ce_kl_sums(logits_clean_BTV[:, :-1], logits_spliced_BTV[:, :-1], tokens_BT[:, 1:],
-                       count_BT[:, :-1])
+    clean = _clean_terms(logits_clean_BTV[:, :-1], tokens_BT[:, 1:], count_BT[:, :-1])
+    return _spliced_sums(clean, logits_spliced_BTV[:, :-1])
 
 
 def chunked_ce_kl(unembed: Callable[[Tensor], Tensor], h_clean_BTD: Tensor,
@@ -77,18 +93,19 @@ def chunked_ce_kl(unembed: Callable[[Tensor], Tensor], h_clean_BTD: Tensor,
                   vocab: int, budget_bytes: int = 256 * 2**20,
                   on_chunk: Callable[[float], None] | None = None) -> dict[int, CeKlSums]:
     """next_token_ce_kl for several spliced runs (by layer) from last hidden states, unembedding
-    a chunk of positions at a time: the clean chunk once, then each layer's. Memory: about
-    six [B, chunk, V] float32 tensors, with chunk chosen to fit `budget_bytes`.
+    a chunk of positions at a time: the clean chunk's log-probabilities once, then each
+    layer's. Memory: about six [B, chunk, V] float32 tensors, with chunk chosen to fit
+    `budget_bytes`.
     on_chunk(share): called after each chunk with the share of the positions it covered."""
     n_b, n_t = tokens_BT.shape
     chunk = max(1, budget_bytes // (6 * 4 * n_b * vocab))
     sums = {layer: [0.0, 0.0, 0.0, 0] for layer in h_spliced}
     for t0 in range(0, n_t - 1, chunk):
         t1 = min(n_t - 1, t0 + chunk)
-        clean = unembed(h_clean_BTD[:, t0:t1])
+        clean = _clean_terms(unembed(h_clean_BTD[:, t0:t1]), tokens_BT[:, t0 + 1:t1 + 1],
+                             count_BT[:, t0:t1])
         for layer, h_BTD in h_spliced.items():
-            part = _ce_kl_sums(clean, unembed(h_BTD[:, t0:t1]), tokens_BT[:, t0 + 1:t1 + 1],
-                               count_BT[:, t0:t1])
+            part = _spliced_sums(clean, unembed(h_BTD[:, t0:t1]))
             total = sums[layer]
             for i, value in enumerate(part):
                 total[i] += value
