@@ -19,3 +19,4 @@ bench: venv
 	.venv/bin/python benchmarks/bench_train.py
 	.venv/bin/python benchmarks/bench_extract.py
 	.venv/bin/python benchmarks/bench_sql.py
+	.venv/bin/python benchmarks/bench_serve.py

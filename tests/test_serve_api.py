@@ -234,6 +234,7 @@ def test_a_dead_latent_is_an_empty_page_not_an_error(client, warehouse):
     ("post", "/api/prompt", {"sae_id": SAE_ID, "text": ""}, 422, "empty"),
     ("post", "/api/prompt", {"sae_id": SAE_ID, "text": "   \n"}, 422, "empty"),
     ("post", "/api/prompt", {"sae_id": SAE_ID, "text": "x" * 4001}, 422, "limit is 4000"),
+    ("post", "/api/prompt", {"sae_id": SAE_ID, "text": "<|endoftext|>"}, 422, "special tokens"),
     ("post", "/api/prompt", {"sae_id": SAE_ID, "text": "the " * 300}, 422, "limit is 256"),
     ("post", "/api/prompt", {"sae_id": "no-such-sae", "text": "hi"}, 404, "unknown sae_id"),
     ("post", "/api/prompt", {"sae_id": SAE_ID, "text": "hi", "layer": 9}, 422, "not one of"),
@@ -309,3 +310,14 @@ def test_cli_refuses_a_directory_that_is_not_a_warehouse(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "not an mlsae warehouse" in result.output
+
+
+def test_special_tokens_are_shown_but_never_analysed(client):
+    r = client.post("/api/prompt", json={"sae_id": SAE_ID, "text": "<|endoftext|>Hello there"})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert [t["counted"] for t in data["tokens"]][0] is False
+    assert all(pairs == [] for pairs in data["activations"][0])
+    assert data["top_latents"][0] == []
+    assert all(row["latent"] >= 0 for row in data["heatmap"]["rows"])
+    assert data["logits"]["reconstructed_cost"]["positions"] == len(data["tokens"]) - 2

@@ -237,6 +237,9 @@ def analyse(handle, heatmap: PromptHeatmap, text: str, layer: int | None = None,
     ids_BT = torch.tensor([ids], dtype=torch.long, device=device)
     counted = np.asarray(special_token_mask(np.asarray([ids]), tokenizer), dtype=bool)[0]
     mask_BT = torch.as_tensor(counted[None], device=device)
+    if not counted.any():
+        raise BadInput("the prompt has only special tokens (such as <|endoftext|>), which are "
+                       "never analysed (SPEC 1): add some text")
 
     acts, idx = encode_prompt(handle, ids_BT, mask_BT)
     acts_NLK, idx_NLK = acts.cpu().numpy(), idx.cpu().numpy()
