@@ -43,6 +43,7 @@ from mlsae.plan import parse_layers
 def command(model, data_source, split, text_column, seq_len, layers, max_sequences, batch_size,
             shard_sequences, dtype, model_dtype, device, out, cache_dir) -> None:
     """Extract block outputs (the residual stream) into a resumable activation cache."""
+    from mlsae import warehouse
     from mlsae.cache import CacheError
     from mlsae.data import DataConfig, DataError
     from mlsae.extract import ExtractConfig, cache_key, extract_to_cache
@@ -57,7 +58,8 @@ def command(model, data_source, split, text_column, seq_len, layers, max_sequenc
             shard_sequences=shard_sequences, dtype=dtype, device=device,
             max_sequences=max_sequences, model_dtype=model_dtype,
         )
-        target = cache_dir or (out or default_warehouse()) / "activations" / cache_key(cfg)
+        target = cache_dir or warehouse.activation_cache_dir(out or default_warehouse(),
+                                                             cache_key(cfg))
         cache = extract_to_cache(cfg, target)
     except (ModelLoadError, DataError, CacheError, ValueError) as err:
         raise click.ClickException(str(err)) from err

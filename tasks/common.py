@@ -41,14 +41,15 @@ def _quiet_progress_bars() -> None:
 
 _quiet_progress_bars()
 
-RESULTS_SUBDIR = Path(".prefect") / "results"
 GPU_LIMIT = "mlsae-gpu"
 """Global concurrency limit every GPU-bound task takes one slot of (see ensure_gpu_limit)."""
 
 
 def results_dir(out: str | Path) -> Path:
     """Where the persisted task results (the cache) of warehouse `out` live."""
-    return Path(out).resolve() / RESULTS_SUBDIR
+    from mlsae import warehouse
+
+    return warehouse.results_dir(out)
 
 
 @cache

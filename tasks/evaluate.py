@@ -47,7 +47,7 @@ def _mean(rows: list[dict[str, Any]], name: str) -> float | None:
 
 def _record(out: str, trained: TrainManifest, sae: Any, model_name: str, metrics: list
             ) -> EvalManifest:
-    from mlsae.latents import sae_record_from_config, write_layer_metrics, write_sae_record
+    from mlsae.warehouse import sae_record_from_config, write_layer_metrics, write_sae_record
 
     rows = [_as_dict(m) for m in metrics]
     sae_id = trained["sae_id"]

@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from mlsae import warehouse
 from mlsae.plan import Plan
 from tasks.analyse import AnalysisManifest, artifact_key, query_rows
 from tasks.common import CACHE_POLICY, gpu_slot, run_logger
@@ -118,7 +119,7 @@ def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManife
     from mlsae.sae import MLSAE
 
     model = plan["model"]
-    fig_dir = Path(out) / "figures" / model["slug"]
+    fig_dir = warehouse.figures_dir(out, model["slug"])
     if cache is not None:
         sample = figures.residual_sample(ActivationCache.open(cache["cache_dir"]))
     else:  # streaming run: no cache on disk, take the sample from the model directly
@@ -186,6 +187,6 @@ def draw_sweep_figures(analyses: list[AnalysisManifest], plans: list[Plan],
         [spec_label(spec, slug) for (slug, spec), _ in rows],
         [row["mean_layer_std"] or 0.0 for _, row in rows],
         [row["std_layer_std"] or 0.0 for _, row in rows],
-        Path(out) / "figures" / "sweep_layer_std_by_config.png")
+        warehouse.figures_dir(out) / "sweep_layer_std_by_config.png")
     link_figures("Sweep figures", "figures-sweep", [path])
     return FiguresManifest(figures=[str(path)])

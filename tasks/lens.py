@@ -18,7 +18,9 @@ class LensManifest(TypedDict):
 
 
 def lens_cache_dir(out: str) -> Path:
-    return Path(out) / "lenses"
+    from mlsae import warehouse
+
+    return warehouse.lenses_dir(out)
 
 
 @task(name="prepare-lens", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)

@@ -26,7 +26,9 @@ class ReportManifest(TypedDict):
 
 
 def report_dir_for(out: str | Path, model_slug: str) -> Path:
-    return Path(out) / "report" / model_slug
+    from mlsae import warehouse
+
+    return warehouse.report_dir(out, model_slug)
 
 
 @task(name="write-report", cache_policy=NO_CACHE)

@@ -1,0 +1,164 @@
+"""Where everything lives in a warehouse: the one module that joins paths under it.
+
+    <warehouse>/.mlsae-warehouse                 marker (init_warehouse)
+    <warehouse>/<table>/sae_id=<id>/...parquet   tables (saes, layer_metrics, tokens, latents,
+                                                 and the per-part sums)
+    <warehouse>/setup.sql                        the views for the plain duckdb CLI
+    <warehouse>/activations/<cache key>/         activation caches
+    <warehouse>/autoencoders/<sae_id>/           training runs: checkpoint.pt, sae/, summary
+    <warehouse>/lenses/                          trained tuned lenses
+    <warehouse>/logging/sae_id=<id>/             latent-logging manifests
+    <warehouse>/figures/<model>/                 figures
+    <warehouse>/report/<model>/                  reports
+    <warehouse>/.prefect/results/                Prefect's task results (the step cache)
+    <warehouse>/.tmp/                            files being written, and the trash
+
+Every other module asks this one for a location instead of joining paths itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlsae.warehouse.errors import WarehouseError
+from mlsae.warehouse.tables import TABLE_SPECS, TABLES, check_sae_id
+
+SETUP_SQL = "setup.sql"
+ACTIVATIONS_DIR = "activations"
+LENSES_DIR = "lenses"
+LOGGING_DIR = "logging"
+FIGURES_DIR = "figures"
+REPORT_DIR = "report"
+RESULTS_DIR = ".prefect/results"
+
+
+def table_dir(warehouse_dir: str | os.PathLike, table: str) -> Path:
+    if table not in TABLE_SPECS:
+        raise ValueError(f"unknown table {table!r}: one of {TABLES}")
+    return Path(warehouse_dir) / table
+
+
+def partition_dir(warehouse_dir: str | os.PathLike, table: str, sae_id: str) -> Path:
+    """<warehouse>/<table>/sae_id=<id>: the only directory that SAE's rows of `table` live in."""
+    return table_dir(warehouse_dir, table) / f"sae_id={check_sae_id(sae_id)}"
+
+
+def part_path(warehouse_dir: str | os.PathLike, table: str, sae_id: str, part: int) -> Path:
+    return partition_dir(warehouse_dir, table, sae_id) / f"part-{part:05d}.parquet"
+
+
+def table_glob(warehouse_dir: str | os.PathLike, table: str) -> str:
+    return str(table_dir(warehouse_dir, table) / "*" / "*.parquet")
+
+
+AUTOENCODERS_DIR = "autoencoders"
+
+
+def activation_cache_dir(warehouse_dir: str | os.PathLike, key: str) -> Path:
+    """Where the activation cache with this key (mlsae.extract.cache_key) lives."""
+    return Path(warehouse_dir) / ACTIVATIONS_DIR / key
+
+
+def activation_caches(warehouse_dir: str | os.PathLike) -> list[Path]:
+    """Every activation cache directory of the warehouse."""
+    root = Path(warehouse_dir) / ACTIVATIONS_DIR
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def autoencoder_dirs(warehouse_dir: str | os.PathLike) -> list[Path]:
+    """Every autoencoder (training run) directory of the warehouse."""
+    root = Path(warehouse_dir) / AUTOENCODERS_DIR
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def trash_dir(warehouse_dir: str | os.PathLike) -> Path:
+    """Where directories go to be deleted: moved here first (one rename), so a kill
+    mid-delete never leaves a half-deleted directory where a reader looks."""
+    return Path(warehouse_dir) / ".tmp" / "trash"
+
+
+def lenses_dir(warehouse_dir: str | os.PathLike) -> Path:
+    """Where tuned lenses trained for this warehouse's runs are kept (by model)."""
+    return Path(warehouse_dir) / LENSES_DIR
+
+
+def logging_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
+    """<warehouse>/logging/sae_id=<id>: the latent-logging run's manifest and lock."""
+    return Path(warehouse_dir) / LOGGING_DIR / f"sae_id={check_sae_id(sae_id)}"
+
+
+def figures_dir(warehouse_dir: str | os.PathLike, model_slug: str | None = None) -> Path:
+    """A model's figures (None: the figures across models, e.g. a sweep's)."""
+    root = Path(warehouse_dir) / FIGURES_DIR
+    return root / model_slug if model_slug else root
+
+
+def report_dir(warehouse_dir: str | os.PathLike, model_slug: str) -> Path:
+    """A model's generated report (report.md and its figures)."""
+    return Path(warehouse_dir) / REPORT_DIR / model_slug
+
+
+def results_dir(warehouse_dir: str | os.PathLike) -> Path:
+    """Prefect's persisted task results for this warehouse: the step cache."""
+    return Path(warehouse_dir).resolve() / RESULTS_DIR
+
+
+def setup_sql_path(warehouse_dir: str | os.PathLike) -> Path:
+    return Path(warehouse_dir) / SETUP_SQL
+
+
+def autoencoder_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
+    """<warehouse>/autoencoders/<id>: one autoencoder's training run (checkpoints) and its
+    saved weights in sae/ (MLSAE.from_pretrained). Not <warehouse>/saes: that is the table."""
+    return Path(warehouse_dir) / AUTOENCODERS_DIR / check_sae_id(sae_id)
+
+
+# --------------------------------------------------------------------------- is it a warehouse?
+
+WAREHOUSE_MARKER = ".mlsae-warehouse"
+# What `mlsae run --out DIR` creates in DIR, first to last: the marker (init_warehouse),
+# the task result cache, the activation cache, the trained autoencoders, the tables and
+# setup.sql. A directory holding any of them is a warehouse (perhaps one whose first run
+# was stopped before it logged anything: `mlsae sql` then sees empty tables).
+_WAREHOUSE_ENTRIES = (WAREHOUSE_MARKER, SETUP_SQL, LOGGING_DIR, RESULTS_DIR, ACTIVATIONS_DIR,
+                      AUTOENCODERS_DIR)
+
+
+def init_warehouse(warehouse_dir: str | os.PathLike) -> Path:
+    """Create the warehouse directory (if needed) with its marker file, so that `mlsae sql`
+    accepts it before any table is written. Returns the directory."""
+    root = Path(warehouse_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / WAREHOUSE_MARKER
+    if not marker.exists():
+        marker.write_text("mlsae warehouse: tables, views and caches written by `mlsae run` "
+                          "(see docs/warehouse.md)\n")
+    return root
+
+
+def is_warehouse(warehouse_dir: str | os.PathLike) -> bool:
+    """True if the directory was made by mlsae: its marker, setup.sql, a table directory
+    or one of `mlsae run`'s caches is there."""
+    root = Path(warehouse_dir)
+    return root.is_dir() and any((root / name).exists()
+                                 for name in (*_WAREHOUSE_ENTRIES, *TABLES))
+
+
+def require_warehouse(warehouse_dir: str | os.PathLike) -> Path:
+    """The resolved directory; WarehouseError (saying how to make or find one) unless it is
+    an mlsae warehouse: a plain directory would otherwise answer every query with 0 rows."""
+    root = Path(warehouse_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
+                             "MLSAE_HOME) to a directory written by `mlsae run`, or make one "
+                             f"with `mlsae run --out {warehouse_dir}`")
+    if not is_warehouse(root):
+        raise WarehouseError(
+            f"{root} is not an mlsae warehouse (no saes/ or latents/ table, no setup.sql, no "
+            f"{WAREHOUSE_MARKER}): make one with `mlsae run --out {warehouse_dir}`, or point "
+            "--out (or $MLSAE_HOME) at a directory that `mlsae run` wrote")
+    return root
+
+
+TEMP_DIR = ".tmp"
