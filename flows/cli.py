@@ -7,7 +7,19 @@ from __future__ import annotations
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Warehouse errors (a bad --out or $MLSAE_HOME) end any command as one Error: line."""
+
+    def invoke(self, ctx: click.Context):
+        from mlsae.warehouse.errors import WarehouseError
+
+        try:
+            return super().invoke(ctx)
+        except WarehouseError as err:
+            raise click.ClickException(str(err)) from err
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlsae")
 def main() -> None:
     """Multi-layer sparse autoencoders on the residual stream.

@@ -50,8 +50,9 @@ def resolve_out(out: str | Path | None) -> Path:
     """The warehouse directory: `out`, else $MLSAE_HOME, else ./mlsae-data (absolute).
     Created only once the parameters are valid."""
     from mlsae.paths import default_warehouse
+    from mlsae.warehouse import check_local
 
-    path = Path(out).expanduser() if out else default_warehouse()
+    path = check_local(out).expanduser() if out else default_warehouse()
     return path.resolve()
 
 

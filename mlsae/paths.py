@@ -19,4 +19,7 @@ EMBEDDED_CORPUS_NAME = "embedded"
 
 def default_warehouse() -> Path:
     """$MLSAE_HOME if set, else ./mlsae-data."""
-    return Path(os.environ.get("MLSAE_HOME") or "mlsae-data")
+    home = os.environ.get("MLSAE_HOME") or "mlsae-data"
+    from mlsae.warehouse.layout import check_local  # the one place that says what --out may be
+
+    return check_local(home)

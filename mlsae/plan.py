@@ -675,6 +675,13 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
 
     if not isinstance(request, RunRequest):
         raise TypeError("make_plan needs a RunRequest")
+    from mlsae.warehouse import WarehouseError, check_local
+
+    if out is not None:
+        try:
+            check_local(out)
+        except WarehouseError as err:
+            raise InvalidRequest(f"--out: {err}") from err
     target, grid, budget = request.target, request.grid, request.budget
     problems: list[str] = []
     try:

@@ -101,3 +101,22 @@ def test_sql_refuses_a_directory_that_is_not_a_warehouse(bad_inputs):
                               "SELECT count(*) FROM saes", cwd=bad_inputs)
     assert result.returncode != 0 and "not an mlsae warehouse" in result.stderr, result.stderr
     assert "mlsae run --out" in result.stderr and seconds < 3
+
+
+@pytest.mark.parametrize("args, env", [
+    (("run", "--out", "s3://bucket/wh", "--dry-run"), {}),
+    (("run", "--out", "s3://bucket/wh"), {}),
+    (("sql", "--out", "s3://bucket/wh", "SELECT 1"), {}),
+    (("sql", "SELECT 1"), {"MLSAE_HOME": "gs://bucket/wh"}),
+    (("gc",), {"MLSAE_HOME": "s3://bucket/wh"}),
+])
+def test_a_warehouse_url_is_refused_and_nothing_is_written(tmp_path, args, env):
+    """Object storage is not supported yet: a URL is one Error: line, not a local directory
+    named `s3:` and a run that writes into it."""
+    import os
+
+    result = subprocess.run([MLSAE, *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    assert result.returncode != 0, result.stdout
+    assert "is a URL" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -53,6 +53,7 @@ from mlsae.warehouse.layout import (  # noqa: F401
     activation_caches,
     autoencoder_dir,
     autoencoder_dirs,
+    check_local,
     figures_dir,
     init_warehouse,
     is_warehouse,

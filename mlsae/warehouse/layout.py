@@ -19,6 +19,7 @@ Every other module asks this one for a location instead of joining paths itself.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from mlsae.warehouse.errors import WarehouseError
@@ -31,6 +32,20 @@ LOGGING_DIR = "logging"
 FIGURES_DIR = "figures"
 REPORT_DIR = "report"
 RESULTS_DIR = ".prefect/results"
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def check_local(where: str | os.PathLike) -> Path:
+    """`where` as a local path; WarehouseError for a URL (s3://, gs://, ...), which would
+    otherwise become a local directory named like the scheme (`s3:`) without a word."""
+    if _URL.match(str(where)):
+        raise WarehouseError(
+            f"warehouse {str(where)!r} is a URL: this version of mlsae keeps its warehouse in "
+            "a local directory (object storage is not supported yet). Use a local path, or "
+            "a bucket mounted as a directory (e.g. with s3fs or gcsfuse); nothing was written")
+    return Path(where)
 
 
 def table_dir(warehouse_dir: str | os.PathLike, table: str) -> Path:
@@ -128,7 +143,7 @@ _WAREHOUSE_ENTRIES = (WAREHOUSE_MARKER, SETUP_SQL, LOGGING_DIR, RESULTS_DIR, ACT
 def init_warehouse(warehouse_dir: str | os.PathLike) -> Path:
     """Create the warehouse directory (if needed) with its marker file, so that `mlsae sql`
     accepts it before any table is written. Returns the directory."""
-    root = Path(warehouse_dir)
+    root = check_local(warehouse_dir)
     root.mkdir(parents=True, exist_ok=True)
     marker = root / WAREHOUSE_MARKER
     if not marker.exists():
@@ -148,7 +163,7 @@ def is_warehouse(warehouse_dir: str | os.PathLike) -> bool:
 def require_warehouse(warehouse_dir: str | os.PathLike) -> Path:
     """The resolved directory; WarehouseError (saying how to make or find one) unless it is
     an mlsae warehouse: a plain directory would otherwise answer every query with 0 rows."""
-    root = Path(warehouse_dir).expanduser().resolve()
+    root = check_local(warehouse_dir).expanduser().resolve()
     if not root.is_dir():
         raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
                              "MLSAE_HOME) to a directory written by `mlsae run`, or make one "
