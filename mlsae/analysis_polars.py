@@ -110,18 +110,21 @@ def variance_summary(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
     ref = (
         scan_table(warehouse_dir, "seq_sums").join(saes, on="sae_id")
         .group_by("sae_id")
-        .agg(ref_n_sequences=pl.len(), ref_var_aggregated=(a_sum / scale).mean(),
+        .agg(ref_n_sequences=pl.len(), n_tokens=pl.col("t").cast(pl.Int64).sum(),
+             ref_var_aggregated=(a_sum / scale).mean(),
              ref_var_token=(b_sum / scale).mean(),
              ref_rel_var=(b_sum / pl.when(a_sum != 0).then(a_sum)).mean())
     )
     return (
         saes.join(live, on="sae_id", how="left").join(ref, on="sae_id", how="left")
         .with_columns(
-            n_live=pl.col("n_live").fill_null(0),
-            ref_n_sequences=pl.col("ref_n_sequences").fill_null(0),
+            # No seq_sums rows = latents not logged: NULL ("not logged"), not 0 live.
+            n_live=pl.when(pl.col("ref_n_sequences").is_not_null())
+            .then(pl.col("n_live").fill_null(0)),
+            n_tokens=pl.col("n_tokens").fill_null(0),
             ratio_token=pl.col("mean_layer_var") / pl.col("mean_token_var"),
             ratio_prompt=pl.col("mean_layer_var") / pl.col("mean_prompt_var"))
-        .select("sae_id", "n_latents", "n_live", "mean_layer_var", "mean_prompt_var",
+        .select("sae_id", "n_latents", "n_tokens", "n_live", "mean_layer_var", "mean_prompt_var",
                 "mean_token_var", "ratio_token", "ratio_prompt", "mean_layer_std",
                 "std_layer_std", "mean_relative_std", "ref_n_sequences",
                 "ref_var_aggregated", "ref_var_token", "ref_rel_var")
