@@ -435,3 +435,54 @@ def plot_mmcs(labels: Sequence[str], values: Sequence[float], path: str | os.Pat
     ax.set(ylabel="MMCS", ylim=(0, 1), title=title)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+RATIO_LABELS = {
+    "ref_ratio": "reference A/B (the paper's statistic)",
+    "ratio_count": "ours: count-weighted",
+    "ratio_mass": "ours: mass-weighted",
+}
+"""The three variance ratios of sql/variance_ratios.sql, as the calibration plot names them."""
+
+
+def plot_calibration(curves: dict[str, tuple[Sequence[float], dict[str, Sequence[float]]]],
+                     marks: dict[str, tuple[float, dict[str, float]]], path: str | os.PathLike,
+                     paper_ratio: float = 100.0) -> Path:
+    """The calibration with known answers: each ratio of RATIO_LABELS (one colour each)
+    against the share of single-layer token-latent pairs, one line style per synthetic
+    family (`curves`: name -> (shares, {ratio: values})), and each measured autoencoder
+    as a marker per ratio (`marks`: label -> (share, {ratio: value})). A dotted line at
+    `paper_ratio` marks the paper's ~100, which only the reference A/B may be read against.
+    Infinite, missing or non-positive values are left out (log axis)."""
+    fig, ax = _new_figure(7.2, 6.0)
+    colours = {"ref_ratio": "C3", "ratio_count": "C2", "ratio_mass": "C0"}  # red = the paper's
+    styles = ["-", "--", ":", "-."]
+
+    def finite(xs: Sequence[float], ys: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(xs, dtype=float)
+        y = np.asarray([np.nan if v is None else v for v in ys], dtype=float)
+        keep = np.isfinite(x) & np.isfinite(y) & (y > 0)
+        return x[keep], y[keep]
+
+    for c, (family, (shares, ratios)) in enumerate(curves.items()):
+        for name, label in RATIO_LABELS.items():
+            if name in ratios:
+                x, y = finite(shares, ratios[name])
+                ax.plot(x, y, styles[c % len(styles)], color=colours[name], lw=1.4,
+                        label=f"{label} ({family})")
+    markers = "osD^v<>ph*"
+    for m, (who, (share, ratios)) in enumerate(marks.items()):
+        for name in RATIO_LABELS:
+            x, y = finite([share], [ratios.get(name)])
+            if len(x):
+                ax.plot(x, y, markers[m % len(markers)], color=colours[name], ms=6, mec="black",
+                        mew=0.6, label=who if name == "ref_ratio" else None)
+    ax.axhline(paper_ratio, color="grey", ls=":", lw=1)
+    ax.text(0.01, paper_ratio * 1.08, f"paper: ~{paper_ratio:g} (reference A/B only)",
+            fontsize="x-small", color="grey")
+    ax.set(yscale="log", xlim=(0, 1), xlabel="share of token-latent pairs active at one layer",
+           ylabel="aggregated / per-token layer variance",
+           title="Calibration: synthetic tables with known answers")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    return _save(fig, path)
