@@ -34,6 +34,7 @@ unembedding hash); a mismatch raises `LensError` naming the fix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -127,15 +128,16 @@ class TunedLensBasis:
         c_LD = torch.zeros_like(b_LD)
         A_LDD[:-1], c_LD[:-1] = W_LDD[1:], b_LD[1:]
         M_LDD = torch.eye(d_model, dtype=torch.float64) + A_LDD
-        cond_L = torch.linalg.cond(M_LDD)
+        with _one_thread():
+            cond_L = torch.linalg.cond(M_LDD)
+            # LU-based inverse in float64, once; applying it is a plain matmul.
+            inv_T_LDD = torch.linalg.inv(M_LDD).transpose(1, 2).contiguous()
         bad = [i for i, c in enumerate(cond_L.tolist()) if not c < MAX_CONDITION]
         if bad:
             raise LensError(
                 f"lens {name!r}: I + A is singular or ill-conditioned for blocks {bad} "
                 f"(condition numbers {[f'{cond_L[i]:.3g}' for i in bad]}), so reconstructions "
                 f"cannot be mapped back exactly; retrain the lens (weight decay keeps A small)")
-        # LU-based inverse in float64, once; applying it is a plain matmul in the working dtype.
-        inv_T_LDD = torch.linalg.inv(M_LDD).transpose(1, 2).contiguous()
         self._master = _Mats(A_LDD, c_LD, inv_T_LDD)
         self.condition_L = cond_L
         self._cache: dict[tuple[torch.device, torch.dtype], _Mats] = {}
@@ -297,6 +299,19 @@ def _hub_lens_dir(lens_id: str) -> Path:
         raise LensError(f"no pretrained tuned lens {lens_id!r} on the hub ({LENS_HUB_REPO}, "
                         f"{sub}): {err}. Pass a local lens directory, or {TRAIN_HINT}") from err
     return Path(got).parent
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run LAPACK on one torch thread: with the CPU build of torch 2.13.0, the batched float64
+    inverse fails inside oneMKL after torch.set_num_threads(2) ("Parameter 6 was incorrect on
+    entry to DLASWP") and then hangs; on one thread it takes milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def trained_lens_dir(model_name: str, cache_dir: str | Path | None = None) -> Path:

@@ -23,14 +23,12 @@ def build_serve_warehouse(tmp_path_factory) -> Path:
 def _build(root: Path) -> Path:
     from mlsae.lens import load_basis
     from mlsae.models import load_model
-    from mlsae.serve.loaded import one_torch_thread
     from mlsae.warehouse import init_warehouse
 
     init_warehouse(root)
     loaded = load_model("embedded", device="cpu")
     _add_sae(root, loaded, SAE_ID, None)
-    with one_torch_thread():  # see one_torch_thread: oneMKL's batched inverse
-        basis = load_basis("embedded", loaded)
+    basis = load_basis("embedded", loaded)
     _add_sae(root, loaded, LENS_SAE_ID, basis, lens="embedded")
     return root
 

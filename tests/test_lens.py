@@ -274,3 +274,19 @@ def test_committed_embedded_lens_fits_the_embedded_model():
     lens = TunedLens.from_model_and_pretrained(loaded.model, str(EMBEDDED_LENS_DIR))
     kl = lens_kl(loaded.model, lens, ids)
     assert (kl.tuned_L[1:] < kl.logit_L[1:]).all(), kl
+
+
+def test_lens_loads_after_setting_two_threads():
+    """oneMKL's batched float64 inverse (torch 2.13.0 CPU) fails and hangs after an explicit
+    torch.set_num_threads(2) in a fresh process; the lens inverts on one thread."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(2)\n"
+            "from mlsae.models import load_model\nfrom mlsae.lens import load_basis\n"
+            "b = load_basis('embedded', load_model('embedded', device='cpu'))\n"
+            "assert torch.get_num_threads() == 2\nprint('loaded', b.n_layers)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "loaded 6" in done.stdout, done.stderr[-2000:]
+    assert "DLASWP" not in done.stderr

@@ -4,7 +4,6 @@ SAEs trained on it."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,22 +35,6 @@ def sae_dir(warehouse_dir: Path, sae_id: str) -> Path | None:
     return None
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """Run the block on one torch thread. The lens' batched float64 inverse
-    (torch.linalg.inv in mlsae.lens.TunedLensBasis) fails inside oneMKL ("Parameter 6 was
-    incorrect on entry to DLASWP", then hangs) after an explicit torch.set_num_threads(2)
-    with the CPU build of torch 2.13.0; on one thread it is fine (and takes milliseconds)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Loader:
     """Loads SAEs and models once; thread-safe."""
 
@@ -78,6 +61,7 @@ class Loader:
         return self._models[name]
 
     def _load(self, record: dict[str, Any]) -> SaeHandle:
+        from mlsae import warehouse
         from mlsae.lens import load_basis
         from mlsae.sae.model import MLSAE
 
@@ -93,6 +77,5 @@ class Loader:
         lens = record.get("lens")
         basis = None
         if lens not in (None, "", "none"):
-            with one_torch_thread():
-                basis = load_basis(lens, loaded, cache_dir=self.root / "lenses")
+            basis = load_basis(lens, loaded, cache_dir=warehouse.lenses_dir(self.root))
         return SaeHandle(sae_id, sae, loaded, basis, [int(x) for x in record["layers"]])
