@@ -36,8 +36,13 @@ def rss():
 from mlsae.data import load_sequences
 load_sequences(data, loaded.tokenizer)  # reading the corpus is not evaluation's memory
 before = rss()
+# Reset the peak (VmHWM) to now: building the model may have peaked higher than the
+# evaluation will, and that peak is not the evaluation's.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 evaluate_sae(sae, loaded, data, memory_bytes=budget, progress_log=lines.append)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 sizing = eval_sizing(loaded.model, 256, budget, spliced_layers=4, n_latents=sae.cfg.n_latents)
 print(json.dumps({"before": before, "peak": peak, "batch": sizing.batch_sequences,
                   "first_line": lines[0]}))
