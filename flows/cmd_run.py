@@ -66,10 +66,13 @@ def print_outputs(result: dict, seconds: float | None, examples: bool = True) ->
         click.echo(f"    {path}")
     print_caches(out)
     for row in result.get("variance_summary") or []:
-        ratio = row.get("ratio_token")
-        click.echo(f"  {row['sae_id']}: {row.get('n_live')} live latents; aggregate layer "
-                   f"variance = {ratio:.3g} x the per-token one" if ratio else
-                   f"  {row['sae_id']}: {row.get('n_live')} live latents")
+        ratio, live = row.get("ratio_token"), row.get("n_live")
+        if live is None:  # an autoencoder whose latents were not logged
+            click.echo(f"  {row['sae_id']}: latents not logged")
+            continue
+        click.echo(f"  {row['sae_id']}: {live} live latents; aggregate layer variance = "
+                   f"{ratio:.3g} x the per-token one" if ratio else
+                   f"  {row['sae_id']}: {live} live latents")
     if examples:
         print_example_queries(out)
 

@@ -454,7 +454,7 @@ def plot_calibration(curves: dict[str, tuple[Sequence[float], dict[str, Sequence
     as a marker per ratio (`marks`: label -> (share, {ratio: value})). A dotted line at
     `paper_ratio` marks the paper's ~100, which only the reference A/B may be read against.
     Infinite, missing or non-positive values are left out (log axis)."""
-    fig, ax = _new_figure(7.2, 6.0)
+    fig, ax = _new_figure(7.2, 7.4)
     colours = {"ref_ratio": "C3", "ratio_count": "C2", "ratio_mass": "C0"}  # red = the paper's
     styles = ["-", "--", ":", "-."]
 
@@ -484,5 +484,5 @@ def plot_calibration(curves: dict[str, tuple[Sequence[float], dict[str, Sequence
            ylabel="aggregated / per-token layer variance",
            title="Calibration: synthetic tables with known answers")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1)
     return _save(fig, path)
