@@ -130,14 +130,14 @@ class TunedLensBasis:
         M_LDD = torch.eye(d_model, dtype=torch.float64) + A_LDD
         with _one_thread():
             cond_L = torch.linalg.cond(M_LDD)
-            # LU-based inverse in float64, once; applying it is a plain matmul.
-            inv_T_LDD = torch.linalg.inv(M_LDD).transpose(1, 2).contiguous()
         bad = [i for i, c in enumerate(cond_L.tolist()) if not c < MAX_CONDITION]
         if bad:
             raise LensError(
                 f"lens {name!r}: I + A is singular or ill-conditioned for blocks {bad} "
                 f"(condition numbers {[f'{cond_L[i]:.3g}' for i in bad]}), so reconstructions "
                 f"cannot be mapped back exactly; retrain the lens (weight decay keeps A small)")
+        with _one_thread():  # LU-based inverse in float64, once; applying it is a matmul
+            inv_T_LDD = torch.linalg.inv(M_LDD).transpose(1, 2).contiguous()
         self._master = _Mats(A_LDD, c_LD, inv_T_LDD)
         self.condition_L = cond_L
         self._cache: dict[tuple[torch.device, torch.dtype], _Mats] = {}
