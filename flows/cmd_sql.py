@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -22,26 +21,10 @@ FORMATS = ("table", "csv", "json", "parquet")
 
 def _cell(value: object) -> object:
     """CSV-safe scalar: NaN/inf become null, nested values their JSON text."""
-    value = _jsonable(value)
+    from mlsae.warehouse.readonly import json_value
+
+    value = json_value(value)
     return json.dumps(value) if isinstance(value, list | dict) else value
-
-
-def _jsonable(value: object) -> object:
-    """JSON value: NaN/inf become null; lists/structs stay nested; the rest becomes text."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    try:
-        return float(value)  # Decimal
-    except (TypeError, ValueError):
-        return str(value)
 
 
 # Control characters (C0, DEL, C1) and the Unicode line/paragraph separators would break
@@ -154,7 +137,9 @@ def command(query: str | None, warehouse: Path | None, fmt: str, output: Path | 
             (quoted if any(isinstance(c, str) and "\r" in c for c in cells)
              else writer).writerow(cells)
     elif fmt == "json":
-        records = [{c: _jsonable(v) for c, v in zip(columns, row, strict=True)} for row in rows]
+        from mlsae.warehouse.readonly import json_value
+
+        records = [{c: json_value(v) for c, v in zip(columns, row, strict=True)} for row in rows]
         click.echo(json.dumps(records))
     else:
         _print_table(columns, rows[:max_rows] if max_rows > 0 else rows, len(rows))

@@ -5,9 +5,10 @@ parameters as literals, for the page to display and for `mlsae sql` to run as is
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, NamedTuple
+
+from mlsae.warehouse.readonly import json_value
 
 SAES = """SELECT sae_id, model, n_layers, d_model, n_latents, expansion_factor, k, layers, lens,
        train_tokens, created_at
@@ -68,29 +69,11 @@ def shown(sql: str, params: dict[str, Any]) -> str:
     return re.sub(r"\$([a-z_]+)", lambda m: literal(params[m.group(1)]), sql)
 
 
-def jsonable(value: Any) -> Any:
-    """A JSON value: NaN/inf become null, nested lists/structs stay nested, dates text."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def run(con, sql: str, params: dict[str, Any]) -> Panel:
     """Run one panel query with bound parameters; rows as JSON-ready dicts."""
     used = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", sql))}
     cursor = con.execute(sql, used)
     columns = [d[0] for d in cursor.description]
-    rows = [{c: jsonable(v) for c, v in zip(columns, row, strict=True)}
+    rows = [{c: json_value(v) for c, v in zip(columns, row, strict=True)}
             for row in cursor.fetchall()]
     return Panel(shown(sql, used), rows)

@@ -3,9 +3,10 @@ the warehouse are refused before they run."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -94,3 +95,22 @@ def run_readonly_sql(warehouse_dir: str | os.PathLike, query: str) -> QueryResul
         return QueryResult(columns, cursor.fetchall())
     finally:
         con.close()
+
+
+def json_value(value: Any) -> Any:
+    """A query result's value as JSON: NaN/inf become null, lists and structs stay nested,
+    dates become ISO text, Decimals floats, anything else its text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    try:
+        return float(value)  # Decimal
+    except (TypeError, ValueError):
+        return str(value)
