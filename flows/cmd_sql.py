@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from mlsae.paths import default_warehouse
+from mlsae.paths import default_warehouse_location
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -61,8 +61,10 @@ def _print_table(columns: list[str], rows: list[tuple], total: int) -> None:
 
 @click.command("sql")
 @click.argument("query", required=False)
-@click.option("--out", "warehouse", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Warehouse directory (default: $MLSAE_HOME, else ./mlsae-data).")
+@click.option("--out", "warehouse", default=None,
+              help="Warehouse directory, or a URL of one copied to object storage "
+                   "(s3://bucket/prefix; needs mlsae[s3]) (default: $MLSAE_HOME, else "
+                   "./mlsae-data).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table: aligned text, control characters in text shown escaped (\\n, "
                    "\\t); csv: a header line then rows; json: an array of "
@@ -74,7 +76,7 @@ def _print_table(columns: list[str], rows: list[tuple], total: int) -> None:
 @click.option("--setup", is_flag=True,
               help="Print the SQL that registers every table and view (absolute paths), for "
                    "the plain duckdb CLI, and exit.")
-def command(query: str | None, warehouse: Path | None, fmt: str, output: Path | None,
+def command(query: str | None, warehouse: str | None, fmt: str, output: Path | None,
             max_rows: int, setup: bool) -> None:
     """Run one read-only SQL QUERY over the warehouse.
 
@@ -95,9 +97,8 @@ def command(query: str | None, warehouse: Path | None, fmt: str, output: Path | 
 
     from mlsae import warehouse as wh
 
-    root = warehouse or default_warehouse()
     try:
-        wh.require_warehouse(root)
+        root = wh.require_warehouse(warehouse or default_warehouse_location())
     except wh.WarehouseError as e:
         raise click.ClickException(str(e)) from e
     if setup:

@@ -17,9 +17,14 @@ EMBEDDED_MODEL_NAME = "embedded"
 EMBEDDED_CORPUS_NAME = "embedded"
 
 
+def default_warehouse_location() -> str:
+    """$MLSAE_HOME if set, else ./mlsae-data, as given (a path or, for reading, a URL)."""
+    return os.environ.get("MLSAE_HOME") or "mlsae-data"
+
+
 def default_warehouse() -> Path:
-    """$MLSAE_HOME if set, else ./mlsae-data."""
-    home = os.environ.get("MLSAE_HOME") or "mlsae-data"
+    """The default warehouse as a local directory (what commands that write use);
+    WarehouseError when $MLSAE_HOME is a URL."""
     from mlsae.warehouse.layout import check_local  # the one place that says what --out may be
 
-    return check_local(home)
+    return check_local(default_warehouse_location())

@@ -63,6 +63,6 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   fi
 fi
 
-"${PIP[@]}" -e ".[dev,interop]"
+"${PIP[@]}" -e ".[dev,interop,s3]"
 touch "$STAMP"
 echo "bootstrap: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -56,6 +56,7 @@ from mlsae.warehouse.layout import (  # noqa: F401
     check_local,
     figures_dir,
     init_warehouse,
+    is_url,
     is_warehouse,
     lenses_dir,
     logging_dir,
@@ -68,6 +69,7 @@ from mlsae.warehouse.layout import (  # noqa: F401
     table_dir,
     table_glob,
     trash_dir,
+    warehouse_location,
 )
 from mlsae.warehouse.parquet import (  # noqa: F401
     AtomicParquetWriter,

@@ -16,7 +16,14 @@ import pyarrow as pa
 
 from mlsae.paths import SQL_DIR
 from mlsae.warehouse.errors import WarehouseError
-from mlsae.warehouse.layout import part_path, partition_dir, setup_sql_path, table_glob
+from mlsae.warehouse.layout import (
+    is_url,
+    part_path,
+    partition_dir,
+    setup_sql_path,
+    table_glob,
+    warehouse_location,
+)
 from mlsae.warehouse.parquet import _temp_path, check_file, iter_partitions, table_files
 from mlsae.warehouse.tables import PART_SUM_TABLES, TABLE_SPECS, TABLES
 
@@ -48,7 +55,7 @@ def table_view_sql(warehouse_dir: str | os.PathLike | None, table: str,
         body = _empty_table_sql(table)
     else:
         glob = f"{table}/*/*.parquet" if warehouse_dir is None else table_glob(
-            Path(warehouse_dir).resolve(), table)
+            warehouse_location(warehouse_dir), table)
         # hive_partitioning=false: sae_id is a column of every file already.
         body = f"SELECT * FROM read_parquet({_sql_literal(glob)}, hive_partitioning = false)"
     return f"CREATE OR REPLACE VIEW {table} AS {body};"
@@ -123,12 +130,14 @@ def connect(warehouse_dir: str | os.PathLike, read_only: bool = True,
     extension install/load, configuration locked. Raises WarehouseError naming any
     corrupt or foreign Parquet file in the warehouse.
     """
-    root = Path(warehouse_dir).resolve()
+    root = warehouse_location(warehouse_dir)
     if not root.is_dir():
         raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
                              "MLSAE_HOME) to a directory written by `mlsae run`")
     con = _open_duckdb(threads, memory_limit)
     try:
+        if is_url(root):  # DuckDB reads the bucket through the same fsspec filesystem
+            con.register_filesystem(root.fs)
         for table in TABLES:
             con.execute(table_view_sql(root, table, empty=not table_files(root, table)))
         check_part_sums(root)
@@ -283,7 +292,8 @@ def _spill_dir() -> Path:
 def _lock_down(con, root: Path) -> None:
     spill = _spill_dir()
     con.execute(f"SET temp_directory = {_sql_literal(str(spill))}")
-    allowed = ", ".join(_sql_literal(str(p) + os.sep) for p in (root, spill))
+    allowed = ", ".join(_sql_literal(str(p).rstrip("/") + ("/" if is_url(p) else os.sep))
+                        for p in (root, spill))
     con.execute(f"SET allowed_directories = [{allowed}]")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")

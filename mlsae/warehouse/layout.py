@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from mlsae.warehouse.errors import WarehouseError
 from mlsae.warehouse.tables import TABLE_SPECS, TABLES, check_sae_id
@@ -37,21 +38,55 @@ RESULTS_DIR = ".prefect/results"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
+def is_url(where: object) -> bool:
+    """True for a URL (s3://bucket/prefix, gs://..., memory://...) or a path object over one."""
+    return type(where).__module__.startswith("upath") or bool(_URL.match(str(where)))
+
+
 def check_local(where: str | os.PathLike) -> Path:
-    """`where` as a local path; WarehouseError for a URL (s3://, gs://, ...), which would
-    otherwise become a local directory named like the scheme (`s3:`) without a word."""
-    if _URL.match(str(where)):
+    """`where` as a local path, for commands that write; WarehouseError for a URL, which
+    would otherwise become a local directory named like the scheme (`s3:`) without a word."""
+    if is_url(where):
         raise WarehouseError(
-            f"warehouse {str(where)!r} is a URL: this version of mlsae keeps its warehouse in "
-            "a local directory (object storage is not supported yet). Use a local path, or "
-            "a bucket mounted as a directory (e.g. with s3fs or gcsfuse); nothing was written")
+            f"warehouse {str(where)!r} is a URL: runs write their warehouse to a local "
+            "directory (writing to object storage is not supported yet; `mlsae sql` reads "
+            "one). Use a local path, then copy it to the bucket (e.g. `aws s3 sync DIR "
+            "s3://bucket/prefix`); nothing was written")
     return Path(where)
+
+
+def warehouse_location(where: str | os.PathLike) -> Any:
+    """Where a warehouse is read from: a resolved local Path, or for a URL a universal path
+    over fsspec (s3:// through s3fs, with the standard AWS settings: AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, ~/.aws)."""
+    if not is_url(where):
+        return Path(where).expanduser().resolve()
+    if type(where).__module__.startswith("upath"):
+        return where
+    try:
+        from upath import UPath
+
+        location = UPath(str(where))
+        location.fs  # noqa: B018  (the filesystem's package is imported here, not mid-query)
+        return location
+    except (ImportError, ValueError) as err:
+        scheme = str(where).split(":", 1)[0]
+        need = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+        raise WarehouseError(
+            f"reading warehouse {str(where)!r} needs universal-pathlib and "
+            f"{need.get(scheme, 'the fsspec filesystem for ' + scheme + '://')}: pip install "
+            f"'mlsae[s3]' (or that package) ({err})") from err
+
+
+def _root(warehouse_dir: Any) -> Any:
+    """A warehouse argument as a path object: Path, or a universal path for a URL."""
+    return warehouse_location(warehouse_dir) if is_url(warehouse_dir) else Path(warehouse_dir)
 
 
 def table_dir(warehouse_dir: str | os.PathLike, table: str) -> Path:
     if table not in TABLE_SPECS:
         raise ValueError(f"unknown table {table!r}: one of {TABLES}")
-    return Path(warehouse_dir) / table
+    return _root(warehouse_dir) / table
 
 
 def partition_dir(warehouse_dir: str | os.PathLike, table: str, sae_id: str) -> Path:
@@ -72,18 +107,18 @@ AUTOENCODERS_DIR = "autoencoders"
 
 def activation_cache_dir(warehouse_dir: str | os.PathLike, key: str) -> Path:
     """Where the activation cache with this key (mlsae.extract.cache_key) lives."""
-    return Path(warehouse_dir) / ACTIVATIONS_DIR / key
+    return _root(warehouse_dir) / ACTIVATIONS_DIR / key
 
 
 def activation_caches(warehouse_dir: str | os.PathLike) -> list[Path]:
     """Every activation cache directory of the warehouse."""
-    root = Path(warehouse_dir) / ACTIVATIONS_DIR
+    root = _root(warehouse_dir) / ACTIVATIONS_DIR
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def autoencoder_dirs(warehouse_dir: str | os.PathLike) -> list[Path]:
     """Every autoencoder (training run) directory of the warehouse."""
-    root = Path(warehouse_dir) / AUTOENCODERS_DIR
+    root = _root(warehouse_dir) / AUTOENCODERS_DIR
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
@@ -95,23 +130,23 @@ def trash_dir(warehouse_dir: str | os.PathLike) -> Path:
 
 def lenses_dir(warehouse_dir: str | os.PathLike) -> Path:
     """Where tuned lenses trained for this warehouse's runs are kept (by model)."""
-    return Path(warehouse_dir) / LENSES_DIR
+    return _root(warehouse_dir) / LENSES_DIR
 
 
 def logging_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
     """<warehouse>/logging/sae_id=<id>: the latent-logging run's manifest and lock."""
-    return Path(warehouse_dir) / LOGGING_DIR / f"sae_id={check_sae_id(sae_id)}"
+    return _root(warehouse_dir) / LOGGING_DIR / f"sae_id={check_sae_id(sae_id)}"
 
 
 def figures_dir(warehouse_dir: str | os.PathLike, model_slug: str | None = None) -> Path:
     """A model's figures (None: the figures across models, e.g. a sweep's)."""
-    root = Path(warehouse_dir) / FIGURES_DIR
+    root = _root(warehouse_dir) / FIGURES_DIR
     return root / model_slug if model_slug else root
 
 
 def report_dir(warehouse_dir: str | os.PathLike, model_slug: str) -> Path:
     """A model's generated report (report.md and its figures)."""
-    return Path(warehouse_dir) / REPORT_DIR / model_slug
+    return _root(warehouse_dir) / REPORT_DIR / model_slug
 
 
 def results_dir(warehouse_dir: str | os.PathLike) -> Path:
@@ -120,13 +155,13 @@ def results_dir(warehouse_dir: str | os.PathLike) -> Path:
 
 
 def setup_sql_path(warehouse_dir: str | os.PathLike) -> Path:
-    return Path(warehouse_dir) / SETUP_SQL
+    return _root(warehouse_dir) / SETUP_SQL
 
 
 def autoencoder_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
     """<warehouse>/autoencoders/<id>: one autoencoder's training run (checkpoints) and its
     saved weights in sae/ (MLSAE.from_pretrained). Not <warehouse>/saes: that is the table."""
-    return Path(warehouse_dir) / AUTOENCODERS_DIR / check_sae_id(sae_id)
+    return _root(warehouse_dir) / AUTOENCODERS_DIR / check_sae_id(sae_id)
 
 
 # --------------------------------------------------------------------------- is it a warehouse?
@@ -155,7 +190,7 @@ def init_warehouse(warehouse_dir: str | os.PathLike) -> Path:
 def is_warehouse(warehouse_dir: str | os.PathLike) -> bool:
     """True if the directory was made by mlsae: its marker, setup.sql, a table directory
     or one of `mlsae run`'s caches is there."""
-    root = Path(warehouse_dir)
+    root = _root(warehouse_dir)
     return root.is_dir() and any((root / name).exists()
                                  for name in (*_WAREHOUSE_ENTRIES, *TABLES))
 
@@ -163,8 +198,15 @@ def is_warehouse(warehouse_dir: str | os.PathLike) -> bool:
 def require_warehouse(warehouse_dir: str | os.PathLike) -> Path:
     """The resolved directory; WarehouseError (saying how to make or find one) unless it is
     an mlsae warehouse: a plain directory would otherwise answer every query with 0 rows."""
-    root = check_local(warehouse_dir).expanduser().resolve()
-    if not root.is_dir():
+    root = warehouse_location(warehouse_dir)
+    try:
+        exists = root.is_dir()
+    except Exception as err:  # the store's client: credentials, endpoint, network
+        raise WarehouseError(
+            f"cannot read warehouse {warehouse_dir}: {type(err).__name__}: {err}. Check the "
+            "store's settings (for s3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_REGION or ~/.aws)") from err
+    if not exists:
         raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
                              "MLSAE_HOME) to a directory written by `mlsae run`, or make one "
                              f"with `mlsae run --out {warehouse_dir}`")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlsae.warehouse.errors import WarehouseError
-from mlsae.warehouse.layout import TEMP_DIR, partition_dir, table_dir
+from mlsae.warehouse.layout import TEMP_DIR, is_url, partition_dir, table_dir
 from mlsae.warehouse.tables import (
     _COLUMN_ENCODING,
     _DICTIONARY_COLUMNS,
@@ -159,16 +159,21 @@ def check_file(path: Path, table: str, root: Path | None = None) -> None:
     """Raise WarehouseError naming `path` unless it is a readable Parquet file of `table`
     in its sae_id=<id> directory holding only that SAE's rows. Reads only the footer."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path if is_url(path) else path.resolve()), stat.st_size,
+           getattr(stat, "st_mtime_ns", None) or getattr(stat, "st_mtime", None))
     if key in _validated:
         return
     spec = TABLE_SPECS[table]
     root = root or path.parent.parent
-    if path.parent.parent != root or not path.parent.name.startswith("sae_id="):
+    if str(path.parent.parent) != str(root) or not path.parent.name.startswith("sae_id="):
         raise WarehouseError(f"{path}: unexpected file in the {table!r} table; files live at "
                              f"{root}/sae_id=<id>/*.parquet. Fix: {_FIX}")
     try:
-        meta = pq.read_metadata(path)
+        if is_url(path):
+            with path.open("rb") as f:
+                meta = pq.read_metadata(f)
+        else:
+            meta = pq.read_metadata(path)
         schema = meta.schema.to_arrow_schema()
     except Exception as e:  # pyarrow raises several types for damaged files
         raise WarehouseError(f"{path}: not a readable Parquet file ({e}). Fix: {_FIX}") from e

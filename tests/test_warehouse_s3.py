@@ -1,0 +1,116 @@
+"""A warehouse copied to object storage is read by `mlsae sql` with the same sandbox:
+a real S3-compatible server (moto's, on a free loopback port) over HTTP, s3fs as the
+client, the explorer tests' warehouse (pipeline steps on the embedded model) uploaded
+as `aws s3 sync` would. Writing to object storage is not supported yet (refused)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip install "
+                                   "'mlsae[s3]'")
+pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
+
+from tests.serve_warehouse import build_serve_warehouse  # noqa: E402
+
+MLSAE = str(Path(sys.executable).with_name("mlsae"))
+BUCKET, OTHER = "mlsae-test", "mlsae-other"
+QUERIES = (
+    "SELECT * FROM variance_summary ORDER BY sae_id",
+    "SELECT * FROM latent_stats ORDER BY sae_id, latent",
+    "SELECT layer, count(*) AS n, sum(value) AS mass FROM latents GROUP BY ALL ORDER BY ALL",
+    "SELECT * FROM layer_metrics ORDER BY sae_id, layer",
+)
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def uploaded(s3_env, tmp_path_factory):
+    import s3fs
+
+    local = build_serve_warehouse(tmp_path_factory)
+    fs = s3fs.S3FileSystem()
+    for bucket in (BUCKET, OTHER):
+        fs.mkdir(bucket)
+    fs.put(str(local) + "/", f"{BUCKET}/wh/", recursive=True)
+    # the same tables under another prefix and in another bucket: outside the sandbox
+    fs.put(str(local / "latents") + "/", f"{BUCKET}/elsewhere/latents/", recursive=True)
+    fs.put(str(local / "latents") + "/", f"{OTHER}/latents/", recursive=True)
+    return local
+
+
+def _sql(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([MLSAE, "sql", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def test_views_over_the_bucket_equal_the_local_warehouse(uploaded, s3_env):
+    for query in QUERIES:
+        local = _sql("--out", str(uploaded), "--format", "json", query, env={})
+        remote = _sql("--out", f"s3://{BUCKET}/wh", "--format", "json", query, env=s3_env)
+        assert local.returncode == 0 and remote.returncode == 0, remote.stderr[-2000:]
+        rows_local, rows_remote = json.loads(local.stdout), json.loads(remote.stdout)
+        assert rows_local and len(rows_remote) == len(rows_local), query
+        for a, b in zip(rows_local, rows_remote, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert b[key] == pytest.approx(a[key], rel=1e-12, abs=1e-12), (query, key)
+                else:
+                    assert b[key] == a[key], (query, key)
+    # $MLSAE_HOME may name the bucket too
+    home = _sql("SELECT count(*) AS n FROM saes", "--format", "json",
+                env={**s3_env, "MLSAE_HOME": f"s3://{BUCKET}/wh"})
+    assert home.returncode == 0 and json.loads(home.stdout)[0]["n"] >= 1, home.stderr
+
+
+@pytest.mark.parametrize("target", [
+    f"s3://{OTHER}/latents/*/*.parquet",
+    f"s3://{BUCKET}/elsewhere/latents/*/*.parquet",
+    "/etc/hostname",
+])
+def test_the_sandbox_holds_on_the_bucket(uploaded, s3_env, target):
+    result = _sql("--out", f"s3://{BUCKET}/wh", f"SELECT count(*) FROM read_parquet('{target}')",
+                  env=s3_env)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr and "Error" in result.stderr, result.stderr
+
+
+def test_a_bucket_prefix_that_is_not_a_warehouse_is_refused(uploaded, s3_env):
+    result = _sql("--out", f"s3://{BUCKET}/nothing-here", "SELECT 1", env=s3_env)
+    assert result.returncode != 0 and "does not exist" in result.stderr, result.stderr
+
+
+def test_runs_still_refuse_to_write_to_the_bucket(s3_env, tmp_path):
+    result = subprocess.run([MLSAE, "run", "--out", f"s3://{BUCKET}/wh", "--dry-run"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **s3_env})
+    assert result.returncode != 0 and "is a URL" in result.stderr
+    assert list(tmp_path.iterdir()) == []
