@@ -26,6 +26,14 @@ def scan_table(warehouse_dir: str | os.PathLike, table: str) -> pl.LazyFrame:
     schema = pl.from_arrow(wh.TABLE_SPECS[table].schema.empty_table()).schema
     if not files:
         return pl.LazyFrame(schema=schema)
+    if wh.is_url(files[0]):  # object storage: pyarrow reads through the same fsspec filesystem
+        import pyarrow.dataset as ds
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        dataset = ds.dataset([f.path for f in files], format="parquet",
+                             filesystem=PyFileSystem(FSSpecHandler(files[0].fs)),
+                             schema=wh.TABLE_SPECS[table].schema)
+        return pl.scan_pyarrow_dataset(dataset)
     # The table's own schema: files written before sae_id became a plain string hold it
     # as a dictionary (Categorical), and a warehouse may mix both.
     return pl.scan_parquet([str(f) for f in files], hive_partitioning=False, schema=schema,

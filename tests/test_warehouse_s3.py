@@ -91,6 +91,18 @@ def test_views_over_the_bucket_equal_the_local_warehouse(uploaded, s3_env):
     assert home.returncode == 0 and json.loads(home.stdout)[0]["n"] >= 1, home.stderr
 
 
+def test_polars_over_the_bucket_equals_the_local_warehouse(uploaded, s3_env):
+    from polars.testing import assert_frame_equal
+
+    from mlsae import analysis_polars as ap
+
+    for view, keys in ((ap.variance_summary, ["sae_id"]), (ap.latent_stats, ["sae_id", "latent"])):
+        local = view(uploaded).collect().sort(keys)
+        remote = view(f"s3://{BUCKET}/wh").collect().sort(keys)
+        assert local.height > 0
+        assert_frame_equal(remote, local, check_exact=False, rel_tol=1e-12, abs_tol=1e-12)
+
+
 @pytest.mark.parametrize("target", [
     f"s3://{OTHER}/latents/*/*.parquet",
     f"s3://{BUCKET}/elsewhere/latents/*/*.parquet",
