@@ -21,19 +21,15 @@ from mlsae import warehouse as wh
 
 def scan_table(warehouse_dir: str | os.PathLike, table: str) -> pl.LazyFrame:
     """A LazyFrame over one warehouse table (files checked like connect() does);
-    sae_id is a plain String column."""
+    sae_id is a plain String column. A bucket URL is read from its local mirror."""
+    if wh.is_url(warehouse_dir):
+        from mlsae.warehouse.mirror import local_mirror
+
+        warehouse_dir = local_mirror(warehouse_dir)
     files = wh.table_files(warehouse_dir, table)
     schema = pl.from_arrow(wh.TABLE_SPECS[table].schema.empty_table()).schema
     if not files:
         return pl.LazyFrame(schema=schema)
-    if wh.is_url(files[0]):  # object storage: pyarrow reads through the same fsspec filesystem
-        import pyarrow.dataset as ds
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        dataset = ds.dataset([f.path for f in files], format="parquet",
-                             filesystem=PyFileSystem(FSSpecHandler(files[0].fs)),
-                             schema=wh.TABLE_SPECS[table].schema)
-        return pl.scan_pyarrow_dataset(dataset)
     # The table's own schema: files written before sae_id became a plain string hold it
     # as a dictionary (Categorical), and a warehouse may mix both.
     return pl.scan_parquet([str(f) for f in files], hive_partitioning=False, schema=schema,
@@ -55,6 +51,10 @@ def sae_layers(warehouse_dir: str | os.PathLike) -> pl.LazyFrame:
 
 
 def _checked(warehouse_dir: str | os.PathLike) -> str | os.PathLike:
+    if wh.is_url(warehouse_dir):  # a bucket: its local mirror, synced once per view
+        from mlsae.warehouse.mirror import local_mirror
+
+        warehouse_dir = local_mirror(warehouse_dir)
     wh.check_part_sums(warehouse_dir)  # as connect(): a latents part without its sums fails
     return warehouse_dir
 

@@ -30,14 +30,15 @@ QUERIES = (
 
 
 @pytest.fixture(scope="module")
-def s3_env():
+def s3_env(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+           "MLSAE_MIRROR_DIR": str(tmp_path_factory.mktemp("mirror"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -101,6 +102,28 @@ def test_polars_over_the_bucket_equals_the_local_warehouse(uploaded, s3_env):
         remote = view(f"s3://{BUCKET}/wh").collect().sort(keys)
         assert local.height > 0
         assert_frame_equal(remote, local, check_exact=False, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_the_local_mirror_follows_the_bucket(uploaded, s3_env):
+    """Queries run on a local mirror of the tables; a file changed or removed in the
+    bucket is changed or removed in the mirror at the next query."""
+    import s3fs
+
+    from tests.serve_warehouse import LENS_SAE_ID
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(uploaded) + "/", f"{BUCKET}/wh2/", recursive=True)
+    count = "SELECT count(*) AS n FROM saes"
+    first = _sql("--out", f"s3://{BUCKET}/wh2", "--format", "json", count, env=s3_env)
+    assert json.loads(first.stdout)[0]["n"] == 2, first.stderr
+    fs.rm(f"{BUCKET}/wh2/saes/sae_id={LENS_SAE_ID}", recursive=True)
+    again = _sql("--out", f"s3://{BUCKET}/wh2", "--format", "json", count, env=s3_env)
+    assert json.loads(again.stdout)[0]["n"] == 1, again.stderr
+    from mlsae.warehouse.mirror import mirror_dir
+
+    mirror = mirror_dir(f"s3://{BUCKET}/wh2")
+    assert mirror.is_dir() and not (mirror / "saes" / f"sae_id={LENS_SAE_ID}").exists()
+    assert not (mirror / "autoencoders").exists()  # only what queries read is copied
 
 
 @pytest.mark.parametrize("target", [

@@ -130,14 +130,17 @@ def connect(warehouse_dir: str | os.PathLike, read_only: bool = True,
     extension install/load, configuration locked. Raises WarehouseError naming any
     corrupt or foreign Parquet file in the warehouse.
     """
-    root = warehouse_location(warehouse_dir)
+    if is_url(warehouse_dir):  # queries run on a local mirror of its tables (mirror.py)
+        from mlsae.warehouse.mirror import local_mirror
+
+        root = local_mirror(warehouse_dir)
+    else:
+        root = warehouse_location(warehouse_dir)
     if not root.is_dir():
         raise WarehouseError(f"warehouse {root} does not exist: pass --out DIR (or set "
                              "MLSAE_HOME) to a directory written by `mlsae run`")
     con = _open_duckdb(threads, memory_limit)
     try:
-        if is_url(root):  # DuckDB reads the bucket through the same fsspec filesystem
-            con.register_filesystem(root.fs)
         for table in TABLES:
             con.execute(table_view_sql(root, table, empty=not table_files(root, table)))
         check_part_sums(root)
