@@ -12,6 +12,20 @@ import click
 from mlsae.paths import default_warehouse
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with our message before uvicorn starts (it prints its own error and exits)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}; "
+                                       "pick another --port") from e
+
+
 @click.command("serve")
 @click.option("--out", "warehouse", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Warehouse directory (default: $MLSAE_HOME, else ./mlsae-data).")
@@ -39,6 +53,7 @@ def command(warehouse: Path | None, host: str, port: int, device: str) -> None:
         wh.require_warehouse(root)
     except wh.WarehouseError as e:
         raise click.ClickException(str(e)) from e
+    _check_port(host, port)
     warning = exposure_warning(host)
     if warning:
         click.secho(f"Warning: {warning}", fg="yellow", err=True)

@@ -312,6 +312,23 @@ def test_cli_refuses_a_directory_that_is_not_a_warehouse(tmp_path):
     assert "not an mlsae warehouse" in result.output
 
 
+def test_cli_says_when_the_port_is_taken(warehouse):
+    import socket
+
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--out", str(warehouse), "--port", str(port)])
+    assert result.exit_code != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "pick another --port" in result.output
+
+
 def test_special_tokens_are_shown_but_never_analysed(client):
     r = client.post("/api/prompt", json={"sae_id": SAE_ID, "text": "<|endoftext|>Hello there"})
     assert r.status_code == 200, r.text
