@@ -27,9 +27,8 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,7 +38,7 @@ import pyarrow as pa
 
 from mlsae import warehouse as wh
 from mlsae.part_sums import part_index, write_part_sums
-from mlsae.progress import Progress
+from mlsae.progress import Progress, to_stderr
 from mlsae.warehouse.records import (  # noqa: F401  (re-exported: their old home)
     LAYER_METRIC_COLUMNS,
     SaeRecord,
@@ -467,9 +466,31 @@ def _fit_batch(config: LatentLogConfig, model: Any, seq_len: int, n_latents: int
     sizing = eval_sizing(model, seq_len, memory, splice=False, n_latents=n_latents)
     wanted = config.batch_size or max(1, config.batch_tokens // seq_len)
     batch = min(wanted, sizing.batch_sequences)
-    (progress_log or (lambda line: print(line, file=sys.stderr, flush=True)))(
+    (progress_log or to_stderr)(
         f"log latents: {batch} sequences of {seq_len} tokens per pass ({sizing.describe()})")
     return dataclasses.replace(config, batch_size=batch)
+
+
+def encode_tokens(sae: Any, model: Any, layers: Sequence[int], ids_BT: Any, mask_BT: Any,
+                  basis: Any = None) -> tuple[Any, Any]:
+    """(top_acts [N, L, K] float32, top_idx [N, L, K]) of the N unmasked tokens of ids_BT:
+    the block outputs of `layers` (in the SAE's basis when `basis` is given) through the
+    SAE's encoder. What the latent tables store, and what the explorer shows a prompt."""
+    import torch
+
+    from mlsae.hooks import capture_residuals
+
+    with torch.no_grad():
+        x_BTLD = capture_residuals(model, ids_BT, layers)
+        x_NLD = x_BTLD[mask_BT.to(x_BTLD.device)]
+        n, n_layers, d = x_NLD.shape
+        x_ND = x_NLD.reshape(n * n_layers, d)
+        if basis is not None:
+            layer_N = torch.tensor(list(layers), device=x_ND.device).repeat(n)
+            x_ND = basis.to_sae(x_ND, layer_N)
+        out = sae.encode(x_ND.to(sae.W_enc_MD.dtype))
+    return (out.top_acts_NK.float().reshape(n, n_layers, -1),
+            out.top_idx_NK.reshape(n, n_layers, -1))
 
 
 def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
@@ -485,7 +506,6 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
     import torch
 
     from mlsae.data import iter_sequences, special_token_mask
-    from mlsae.hooks import capture_residuals
     from mlsae.models import resolve_device
     from mlsae.sae.model import MLSAE
 
@@ -498,22 +518,11 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
     sequences = ((chunk.tokens_T, special_token_mask(chunk.tokens_T, loaded.tokenizer))
                  for chunk in iter_sequences(data, loaded.tokenizer))
     layers = list(record.layers)
-    sae_dtype = next(sae.parameters()).dtype
     config = _fit_batch(config, model, data.seq_len, sae.cfg.n_latents, device, progress_log)
 
-    @torch.no_grad()
     def encode(batch_BT: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = torch.as_tensor(batch_BT, dtype=torch.long, device=device)
-        x_BTLD = capture_residuals(model, ids, layers)
-        x_NLD = x_BTLD[torch.as_tensor(mask, device=x_BTLD.device)]
-        n, n_layers, d = x_NLD.shape
-        x_ND = x_NLD.reshape(n * n_layers, d)
-        if basis is not None:
-            layer_N = torch.tensor(layers, device=x_ND.device).repeat(n)
-            x_ND = basis.to_sae(x_ND, layer_N)
-        out = sae.encode(x_ND.to(sae_dtype))
-        acts = out.top_acts_NK.float().reshape(n, n_layers, -1)
-        idx = out.top_idx_NK.reshape(n, n_layers, -1)
+        acts, idx = encode_tokens(sae, model, layers, ids, torch.as_tensor(mask), basis)
         return acts.cpu().numpy(), idx.cpu().numpy()
 
     def decode(token_id: int) -> str:

@@ -69,20 +69,11 @@ def tokenize(handle, text: str) -> list[int]:
 @torch.no_grad()
 def encode_prompt(handle, ids_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
     """(top_acts [N, L, K], top_idx [N, L, K]) of the unmasked tokens (N of them), as
-    mlsae.latents.log_latents encodes logged text."""
-    from mlsae.hooks import capture_residuals
+    mlsae.latents.log_latents encodes logged text (the same function)."""
+    from mlsae.latents import encode_tokens
 
-    layers = handle.layers
-    x_BTLD = capture_residuals(handle.loaded.model, ids_BT, layers)
-    x_NLD = x_BTLD[mask_BT.to(x_BTLD.device)]
-    n, n_layers, d = x_NLD.shape
-    x_ND = x_NLD.reshape(n * n_layers, d)
-    if handle.basis is not None:
-        layer_N = torch.tensor(layers, device=x_ND.device).repeat(n)
-        x_ND = handle.basis.to_sae(x_ND, layer_N)
-    out = handle.sae.encode(x_ND.to(handle.sae.W_enc_MD.dtype))
-    return (out.top_acts_NK.float().reshape(n, n_layers, -1),
-            out.top_idx_NK.reshape(n, n_layers, -1))
+    return encode_tokens(handle.sae, handle.loaded.model, handle.layers, ids_BT, mask_BT,
+                         handle.basis)
 
 
 def reconstruct_at(handle, layer: int, mask_BT: Tensor):
