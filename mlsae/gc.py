@@ -27,7 +27,8 @@ class CacheUse(NamedTuple):
     """Why it is kept: "extraction not finished" or the sae_ids of unfinished trainings."""
 
 
-def _size(path: Path) -> int:
+def directory_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -51,12 +52,12 @@ def cache_uses(warehouse_dir: str | os.PathLike) -> list[CacheUse]:
         except (CacheError, OSError, ValueError):
             complete = False
         needed = unfinished if complete else ["extraction not finished"]
-        uses.append(CacheUse(path, _size(path), complete, list(needed)))
+        uses.append(CacheUse(path, directory_bytes(path), complete, list(needed)))
     return uses
 
 
 def total_cache_bytes(warehouse_dir: str | os.PathLike) -> int:
-    return sum(_size(path) for path in warehouse.activation_caches(warehouse_dir))
+    return sum(directory_bytes(path) for path in warehouse.activation_caches(warehouse_dir))
 
 
 def remove_unneeded_caches(warehouse_dir: str | os.PathLike, dry_run: bool = False

@@ -572,24 +572,39 @@ def free_bytes(where: str | Path | None) -> int:
 
 def _corpus_sizes(target: Target, info: ModelInfo) -> dict[str, int]:
     """{"train": tokens, "test": tokens} of a local data source with the model's tokenizer
-    ({} for a hub data set or when the tokenizer cannot be read here)."""
+    ({} for a hub data set or when the tokenizer cannot be read here). Counted once per
+    process for a given source and tokenizer (a run plans in the command and again in its
+    flow), again if the data's files changed."""
+    from mlsae.data import normalized_source
+    from mlsae.paths import EMBEDDED_CORPUS_DIR
+
+    source = normalized_source(target.data)
+    path = EMBEDDED_CORPUS_DIR if source == "embedded" else Path(source)
+    stamp = max((f.stat().st_mtime_ns for f in [path, *path.rglob("*")]), default=0) \
+        if path.exists() else None
+    return dict(_counted_corpus(target.data, target.text_column, target.data_config,
+                                info["source"], stamp))
+
+
+@cache
+def _counted_corpus(data: str, text_column: str, data_config: str | None, tokenizer_source: str,
+                    _stamp: int | None) -> tuple[tuple[str, int], ...]:
     from mlsae.data import DataConfig, split_size
 
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(info["source"])
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except (OSError, ValueError):
-        return {}
-    sizes = {}
+        return ()
+    sizes = []
     for split in ("train", "test"):
-        size = split_size(DataConfig(source=target.data, split=split,
-                                     text_column=target.text_column,
-                                     hub_config=target.data_config), tokenizer)
+        size = split_size(DataConfig(source=data, split=split, text_column=text_column,
+                                     hub_config=data_config), tokenizer)
         if size is None:
-            return {}
-        sizes[split] = size.tokens
-    return sizes
+            return ()
+        sizes.append((split, size.tokens))
+    return tuple(sizes)
 
 
 def _fit_held_out(budget: Budget, corpus: dict[str, int], explicit: list[str], data: str,
@@ -634,6 +649,7 @@ def disk_plan(plan: Plan, out: str | Path | None) -> dict[str, int]:
     latent tables, checkpoints and weights) and the free space there."""
     from mlsae import warehouse
     from mlsae.extract import cache_key
+    from mlsae.gc import directory_bytes
     from mlsae.paths import default_warehouse
 
     d_model = plan["model"]["d_model"]
@@ -641,9 +657,7 @@ def disk_plan(plan: Plan, out: str | Path | None) -> dict[str, int]:
     if plan["training_source"] == "cache":
         where = warehouse.activation_cache_dir(
             out or default_warehouse(), cache_key(extract_config(run_settings(plan))))
-        done = sum(f.stat().st_size for f in where.rglob("*") if f.is_file()) \
-            if where.exists() else 0
-        cache = max(0, plan["cache_bytes"] - done)
+        cache = max(0, plan["cache_bytes"] - directory_bytes(where))
     eval_tokens = -(-plan["eval_tokens"] // plan["seq_len"]) * plan["seq_len"]
     latents_rows = sum(eval_tokens * len(s["layers"]) * s["k"]
                        for s in plan["specs"] if s["role"] == "mlsae")

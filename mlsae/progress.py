@@ -12,6 +12,11 @@ from collections.abc import Callable
 from mlsae import interrupt
 
 
+def to_stderr(line: str) -> None:
+    """The default place for progress lines and other run messages."""
+    print(line, file=sys.stderr, flush=True)
+
+
 class Progress:
     """Reports `done/total unit` with a rate, at most every `every_s` seconds.
 
@@ -27,7 +32,7 @@ class Progress:
                  initial: float = 0.0, stops: bool = True):
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.stops = stops
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = log or to_stderr
         self.initial = self.done = float(initial)
         self.start = self._last = time.perf_counter()
 

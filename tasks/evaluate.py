@@ -62,20 +62,12 @@ def _record(out: str, trained: TrainManifest, sae: Any, model_name: str, metrics
     return EvalManifest(sae_id=sae_id, layers=rows, mean=mean, metrics_path=str(path))
 
 
-@task(name="evaluate-autoencoders", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def evaluate_autoencoders(trained: list[Any], sae_ids: list[str], logged: list[Any],
-                          lens: LensManifest | None, lens_ids: list[str], settings: dict,
-                          out: str) -> list[EvalManifest]:
-    """FVU, MSE, L0, dead fraction, delta CE and KL per layer of every autoencoder of one
-    model in one pass over the held-out text (one clean forward pass per batch, shared);
-    writes `layer_metrics` (then the `saes` rows, if logging latents did not already).
-    trained: manifests, or streaming groups' lists; lens_ids: those trained in the lens basis;
-    logged: the latent tables (only a dependency: their `saes` rows come first)."""
+def _evaluate(chosen: list[TrainManifest], lens: LensManifest | None, lens_ids: list[str],
+              settings: dict, out: str) -> list[EvalManifest]:
     from mlsae.models import load_model
     from mlsae.sae import MLSAE
     from mlsae.sae.evaluate import evaluate_saes
 
-    chosen = [pick_trained(flatten_trained(trained), sae_id) for sae_id in sae_ids]
     loaded = load_model(settings["model"]["name"], device=settings["device"])
     device = next(loaded.model.parameters()).device
     saes = [MLSAE.from_pretrained(t["sae_dir"]).to(device) for t in chosen]
@@ -88,21 +80,25 @@ def evaluate_autoencoders(trained: list[Any], sae_ids: list[str], logged: list[A
             for t, sae, m in zip(chosen, saes, metrics, strict=True)]
 
 
+@task(name="evaluate-autoencoders", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
+def evaluate_autoencoders(trained: list[Any], sae_ids: list[str], logged: list[Any],
+                          lens: LensManifest | None, lens_ids: list[str], settings: dict,
+                          out: str) -> list[EvalManifest]:
+    """FVU, MSE, L0, dead fraction, delta CE and KL per layer of every autoencoder of one
+    model in one pass over the held-out text (one clean forward pass per batch, shared);
+    writes `layer_metrics` (then the `saes` rows, if logging latents did not already).
+    trained: manifests, or streaming groups' lists; lens_ids: those trained in the lens basis;
+    logged: the latent tables (only a dependency: their `saes` rows come first)."""
+    flat = flatten_trained(trained)
+    return _evaluate([pick_trained(flat, sae_id) for sae_id in sae_ids], lens, lens_ids,
+                     settings, out)
+
+
 @task(name="evaluate-autoencoder", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
 def evaluate_autoencoder(trained: TrainManifest | list[TrainManifest], sae_id: str,
                          logged: LatentsManifest | None, lens: LensManifest | None,
                          settings: dict, out: str) -> EvalManifest:
     """evaluate-autoencoders of one autoencoder (a flow with one, e.g. an imported one)."""
-    from mlsae.models import load_model
-    from mlsae.sae import MLSAE
-    from mlsae.sae.evaluate import evaluate_saes
-
-    chosen = pick_trained(trained, sae_id)
-    loaded = load_model(settings["model"]["name"], device=settings["device"])
-    sae = MLSAE.from_pretrained(chosen["sae_dir"]).to(next(loaded.model.parameters()).device)
-    basis = load_lens(lens, loaded, out)
-    with gpu_slot(settings["device"]):
-        (metrics,) = evaluate_saes([sae], loaded, eval_data(settings), [basis],
-                                   memory_bytes=eval_memory(settings),
-                                   progress_log=progress_log())
-    return _record(out, chosen, sae, loaded.name, metrics)
+    (manifest,) = _evaluate([pick_trained(trained, sae_id)], lens,
+                            [sae_id] if lens is not None else [], settings, out)
+    return manifest

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mlsae.progress import Progress
+from mlsae.memory import LOGITS_MAX_BYTES
+from mlsae.progress import Progress, to_stderr
 from mlsae.sae.model import MLSAE
 
 
@@ -90,7 +91,7 @@ def next_token_ce_kl(logits_clean_BTV: Tensor, logits_spliced_BTV: Tensor, token
 
 def chunked_ce_kl(unembed: Callable[[Tensor], Tensor], h_clean_BTD: Tensor,
                   h_spliced: dict[int, Tensor], tokens_BT: Tensor, count_BT: Tensor,
-                  vocab: int, budget_bytes: int = 256 * 2**20,
+                  vocab: int, budget_bytes: int = LOGITS_MAX_BYTES,
                   on_chunk: Callable[[float], None] | None = None) -> dict[int, CeKlSums]:
     """next_token_ce_kl for several spliced runs (by layer) from last hidden states, unembedding
     a chunk of positions at a time: the clean chunk's log-probabilities once, then each
@@ -250,7 +251,7 @@ def evaluate_saes(saes: Sequence[MLSAE], loaded: Any, data: Any,
                          n_latents=max(sae.cfg.n_latents for sae in saes))
     batch = batch_size or sizing.batch_sequences
     logits_budget = logits_budget_bytes or sizing.logits_bytes
-    log = progress_log or (lambda line: print(line, file=__import__("sys").stderr, flush=True))
+    log = progress_log or to_stderr
     log(f"evaluate: {len(saes)} autoencoder(s), {tokens_BT.shape[0]} sequences of "
         f"{tokens_BT.shape[1]} tokens, {batch} per pass ({sizing.describe()})")
     # One unit per (token, SAE layer): half for its splice, half for its CE/KL chunks, so the

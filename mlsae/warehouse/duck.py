@@ -295,8 +295,7 @@ def _spill_dir() -> Path:
 def _lock_down(con, root: Path) -> None:
     spill = _spill_dir()
     con.execute(f"SET temp_directory = {_sql_literal(str(spill))}")
-    allowed = ", ".join(_sql_literal(str(p).rstrip("/") + ("/" if is_url(p) else os.sep))
-                        for p in (root, spill))
+    allowed = ", ".join(_sql_literal(str(p) + os.sep) for p in (root, spill))
     con.execute(f"SET allowed_directories = [{allowed}]")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
