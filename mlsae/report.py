@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mlsae import figures
+from mlsae import figures, statistics
 
 REPORT_NAME = "report.md"
 LEDGER_NAME = "runs.json"
@@ -402,8 +402,8 @@ class _Builder:
         if self.inp.cache_dir and Path(self.inp.cache_dir).exists():
             from mlsae.cache import ActivationCache
 
-            stats = figures.residual_similarity(
-                figures.residual_sample(ActivationCache.open(self.inp.cache_dir)))
+            stats = statistics.residual_similarity(
+                statistics.residual_sample(ActivationCache.open(self.inp.cache_dir)))
             cos, norm = stats.adjacent_cos_L1, stats.mean_norm_L
             self.verdicts["adjacent_cos"] = float(np.mean(cos))
             self.add(*_table(["layer l", "cos(l, l+1)", "mean norm"],
@@ -683,17 +683,17 @@ class _Builder:
 
         def rows_of(e: GridEntry) -> np.ndarray | None:
             path = Path(e.run_dir) / "sae"
-            return figures.decoder_rows(MLSAE.from_pretrained(path)) if path.exists() else None
+            return statistics.decoder_rows(MLSAE.from_pretrained(path)) if path.exists() else None
 
         base = rows_of(self.base)
         if base is None:
             self.add("(The base MLSAE's weights were not found.)", "")
             return
-        table = [["base MLSAE", figures.mmcs(base), None]]
+        table = [["base MLSAE", statistics.mmcs(base), None]]
         for b in self.baselines:
             rows = rows_of(b)
             if rows is not None:
-                table.append([b.label, figures.mmcs(rows), figures.mmcs_between(base, rows)])
+                table.append([b.label, statistics.mmcs(rows), statistics.mmcs_between(base, rows)])
         self.add(*_table(["dictionary", "MMCS within", "MMCS vs base MLSAE"], table))
 
     def differences_section(self) -> None:

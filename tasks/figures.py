@@ -42,11 +42,11 @@ def link_figures(title: str, key: str, paths: list[Path]) -> None:
 
 
 def _heatmap(out: str, sae_id: str, layers: list[int], path: Path) -> Path:
-    from mlsae import figures
+    from mlsae import figures, statistics
 
     rows = query_rows(out, "SELECT latent, layer_idx, p FROM latent_heatmap WHERE sae_id = ?",
                       [sae_id])
-    dist = figures.layer_distribution([r["latent"] for r in rows], [r["layer_idx"] for r in rows],
+    dist = statistics.layer_distribution([r["latent"] for r in rows], [r["layer_idx"] for r in rows],
                                       [r["p"] for r in rows], len(layers))
     return figures.plot_layer_heatmap(dist, path, f"{sae_id}\nall logged tokens (Fig. 2)",
                                       layer_labels=layers)
@@ -61,12 +61,12 @@ def _expected_layer_hist(out: str, sae_id: str, n_layers: int, path: Path) -> Pa
 
 
 def _prompt_heatmap(sae, loaded, basis, layers: list[int], title: str, path: Path) -> Path:
-    from mlsae import figures
+    from mlsae import figures, statistics
 
-    prompt = figures.prompt_activations(sae, loaded, figures.FIG3_PROMPT, basis)
+    prompt = statistics.prompt_activations(sae, loaded, statistics.FIG3_PROMPT, basis)
     return figures.plot_layer_heatmap(
-        figures.prompt_distribution(prompt, len(layers)), path,
-        f'{title}\n"{figures.FIG3_PROMPT}" (Fig. 3)', layer_labels=layers)
+        statistics.prompt_distribution(prompt, len(layers)), path,
+        f'{title}\n"{statistics.FIG3_PROMPT}" (Fig. 3)', layer_labels=layers)
 
 
 def _per_layer(manifest: EvalManifest | None, layers: list[int], metric: str) -> list[float]:
@@ -91,18 +91,18 @@ def _metrics_vs_baselines(layers: list[int], mlsae: EvalManifest,
 
 def _mmcs(sae, baseline_dirs: dict[int, str], path: Path) -> Path:
     """MMCS within the MLSAE and each single-layer SAE, and between the MLSAE and each."""
-    from mlsae import figures
+    from mlsae import figures, statistics
     from mlsae.sae import MLSAE
 
-    mlsae_rows = figures.decoder_rows(sae)
-    labels, values = ["within MLSAE"], [figures.mmcs(mlsae_rows)]
+    mlsae_rows = statistics.decoder_rows(sae)
+    labels, values = ["within MLSAE"], [statistics.mmcs(mlsae_rows)]
     between_labels, between = [], []
     for layer, sae_dir in sorted(baseline_dirs.items()):
-        rows = figures.decoder_rows(MLSAE.from_pretrained(sae_dir))
+        rows = statistics.decoder_rows(MLSAE.from_pretrained(sae_dir))
         labels.append(f"within layer-{layer} SAE")
-        values.append(figures.mmcs(rows))
+        values.append(statistics.mmcs(rows))
         between_labels.append(f"MLSAE vs layer-{layer} SAE")
-        between.append(figures.mmcs_between(mlsae_rows, rows))
+        between.append(statistics.mmcs_between(mlsae_rows, rows))
     return figures.plot_mmcs(labels + between_labels, values + between, path)
 
 
@@ -113,7 +113,7 @@ def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManife
                        analyses: list[AnalysisManifest], out: str) -> FiguresManifest:
     """Fig. 1 for the model; Fig. 2/3, expected-layer histogram, metrics vs baselines and
     MMCS for each MLSAE; layer std by config across the model's MLSAEs."""
-    from mlsae import figures
+    from mlsae import figures, statistics
     from mlsae.cache import ActivationCache
     from mlsae.models import load_model
     from mlsae.sae import MLSAE
@@ -121,14 +121,14 @@ def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManife
     model = plan["model"]
     fig_dir = warehouse.figures_dir(out, model["slug"])
     if cache is not None:
-        sample = figures.residual_sample(ActivationCache.open(cache["cache_dir"]))
+        sample = statistics.residual_sample(ActivationCache.open(cache["cache_dir"]))
     else:  # streaming run: no cache on disk, take the sample from the model directly
         from mlsae.extract import stream_activations
         from mlsae.plan import extract_config, run_settings
 
-        sample = figures.residual_sample(stream_activations(
+        sample = statistics.residual_sample(stream_activations(
             extract_config(run_settings(plan), tokens=4096), log=lambda line: None))
-    paths = [figures.plot_residual_similarity({model["slug"]: figures.residual_similarity(sample)},
+    paths = [figures.plot_residual_similarity({model["slug"]: statistics.residual_similarity(sample)},
                                               fig_dir / "fig1_residual_similarity.png")]
     specs = {spec["sae_id"]: spec for spec in plan["specs"]}
     flat = [m for t in trained for m in ([t] if isinstance(t, dict) else t)]

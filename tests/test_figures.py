@@ -1,4 +1,5 @@
-"""mlsae.figures on synthetic data: the statistics are right, the PNGs exist and are not blank."""
+"""mlsae.statistics and mlsae.figures on synthetic data: the statistics are right, the PNGs
+exist and are not blank."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from mlsae import figures
+from mlsae import figures, statistics
 
 
 def assert_png(path, min_side: int = 200) -> None:
@@ -26,6 +27,10 @@ def test_figures_module_does_not_import_prefect_or_pyplot():
 
     source = Path(figures.__file__).read_text()
     assert "prefect" not in source and "import matplotlib.pyplot" not in source
+    # Plotting only: the statistics live in mlsae.statistics.
+    assert not any(hasattr(figures, name) for name in (
+        "residual_similarity", "mmcs", "mmcs_between", "decoder_rows", "layer_distribution",
+        "residual_sample", "prompt_activations", "prompt_distribution"))
 
 
 def test_residual_similarity_known_values():
@@ -34,40 +39,63 @@ def test_residual_similarity_known_values():
     # Layer 1 = layer 0 + a constant offset (removed by mean subtraction): cos 1.
     # Layer 2 independent noise: cos ~ 0.
     acts_NLD = np.stack([base_ND, base_ND + 5.0, rng.normal(size=(500, 16))], axis=1)
-    stats = figures.residual_similarity(acts_NLD)
+    stats = statistics.residual_similarity(acts_NLD)
     assert stats.adjacent_cos_L1.shape == (2,)
     assert stats.mean_norm_L.shape == (3,)
     assert stats.adjacent_cos_L1[0] == pytest.approx(1.0, abs=1e-9)
     assert abs(stats.adjacent_cos_L1[1]) < 0.1
     assert stats.mean_norm_L[1] > stats.mean_norm_L[0]
     with pytest.raises(ValueError, match="shape"):
-        figures.residual_similarity(np.zeros((4, 16)))
+        statistics.residual_similarity(np.zeros((4, 16)))
 
 
 def test_mmcs_within_and_between():
     eye = np.eye(8)
-    assert figures.mmcs(eye) == pytest.approx(0.0)
+    assert statistics.mmcs(eye) == pytest.approx(0.0)
     # Duplicated directions: every latent has a twin.
-    assert figures.mmcs(np.concatenate([eye, 3 * eye])) == pytest.approx(1.0)
-    assert figures.mmcs_between(eye, -eye[::-1] * 2 + 0) == pytest.approx(0.0, abs=1e-6)
-    assert figures.mmcs_between(eye[:4], eye) == pytest.approx(1.0)
+    assert statistics.mmcs(np.concatenate([eye, 3 * eye])) == pytest.approx(1.0)
+    assert statistics.mmcs_between(eye, -eye[::-1] * 2 + 0) == pytest.approx(0.0, abs=1e-6)
+    assert statistics.mmcs_between(eye[:4], eye) == pytest.approx(1.0)
     # Chunking gives the same answer as one block.
     rng = np.random.default_rng(1)
     dirs = rng.normal(size=(300, 12))
-    assert figures.mmcs(dirs, chunk=7) == pytest.approx(figures.mmcs(dirs, chunk=1000), rel=1e-6)
+    assert statistics.mmcs(dirs, chunk=7) == pytest.approx(statistics.mmcs(dirs, chunk=1000), rel=1e-6)
     with pytest.raises(ValueError, match="different spaces"):
-        figures.mmcs_between(np.eye(3), np.eye(4))
+        statistics.mmcs_between(np.eye(3), np.eye(4))
 
 
 def test_layer_distribution_sorts_by_expected_layer():
     # latent 7: all mass at layer 2; latent 3: half at 0 and 1; latent 5: no mass (dropped).
-    dist = figures.layer_distribution(
+    dist = statistics.layer_distribution(
         latent=[7, 3, 3, 5], layer=[2, 0, 1, 0], mass=[4.0, 1.0, 1.0, 0.0], n_layers=3)
     assert dist.latent_J.tolist() == [3, 7]
     np.testing.assert_allclose(dist.p_JL, [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     np.testing.assert_allclose(dist.expected_layer_J, [0.5, 2.0])
     with pytest.raises(ValueError, match="0..2"):
-        figures.layer_distribution([1], [3], [1.0], n_layers=3)
+        statistics.layer_distribution([1], [3], [1.0], n_layers=3)
+
+
+def test_prompt_distribution_is_the_prompt_heatmap_view():
+    """The prompt's p_sj(l) comes from sql/prompt_heatmap.sql; it equals a direct numpy
+    transcription (pooled mass per layer, latents with max activation < threshold left out,
+    sorted by expected layer then id)."""
+    rng = np.random.default_rng(4)
+    n, n_layers, threshold = 400, 4, 0.3
+    acts = statistics.PromptActivations(
+        tokens=["t"] * 12, layer_idx=rng.integers(0, n_layers, n), latent=rng.integers(0, 60, n),
+        value=rng.uniform(0, 0.5, n).astype(np.float32), pos=rng.integers(0, 12, n))
+    got = statistics.prompt_distribution(acts, n_layers, threshold=threshold)
+    peak = {j: acts.value[acts.latent == j].max() for j in np.unique(acts.latent)}
+    keep = np.array([peak[j] >= threshold for j in acts.latent])
+    assert 0 < keep.sum() < n  # the threshold drops some latents and keeps others
+    want = statistics.layer_distribution(acts.latent[keep], acts.layer_idx[keep],
+                                         acts.value[keep].astype(np.float64), n_layers)
+    assert got.latent_J.tolist() == want.latent_J.tolist()
+    np.testing.assert_allclose(got.p_JL, want.p_JL, rtol=1e-6)
+    np.testing.assert_allclose(got.expected_layer_J, want.expected_layer_J, rtol=1e-6)
+    empty = statistics.prompt_distribution(
+        statistics.PromptActivations([], np.zeros(0), np.zeros(0), np.zeros(0)), n_layers)
+    assert empty.p_JL.shape == (0, n_layers)
 
 
 def _synthetic_distribution(n_latents=600, n_layers=6, seed=0):
@@ -76,20 +104,20 @@ def _synthetic_distribution(n_latents=600, n_layers=6, seed=0):
     layer = np.tile(np.arange(n_layers), n_latents)
     centre = rng.uniform(0, n_layers - 1, size=n_latents).repeat(n_layers)
     mass = np.exp(-((layer - centre) ** 2)) * rng.uniform(0.5, 2, size=latent.size)
-    return figures.layer_distribution(latent, layer, mass, n_layers)
+    return statistics.layer_distribution(latent, layer, mass, n_layers)
 
 
 def test_every_plot_writes_a_png(tmp_path):
     rng = np.random.default_rng(0)
     curves = {
-        "6 layers": figures.residual_similarity(rng.normal(size=(200, 6, 32)).cumsum(axis=1)),
-        "3 layers": figures.residual_similarity(rng.normal(size=(200, 3, 32)).cumsum(axis=1)),
+        "6 layers": statistics.residual_similarity(rng.normal(size=(200, 6, 32)).cumsum(axis=1)),
+        "3 layers": statistics.residual_similarity(rng.normal(size=(200, 3, 32)).cumsum(axis=1)),
     }
     dist = _synthetic_distribution()
     paths = [
         figures.plot_residual_similarity(curves, tmp_path / "fig1.png"),
         figures.plot_layer_heatmap(dist, tmp_path / "fig2.png", "all tokens"),
-        figures.plot_layer_heatmap(dist, tmp_path / "fig3.png", figures.FIG3_PROMPT, max_latents=100),
+        figures.plot_layer_heatmap(dist, tmp_path / "fig3.png", statistics.FIG3_PROMPT, max_latents=100),
         figures.plot_expected_layer_histogram(dist.expected_layer_J, 6, tmp_path / "hist.png"),
         figures.plot_layer_std_by_config(["R2 k4", "R4 k8", "R4 k8 lens"], [0.6, 0.5, 0.7],
                                          [0.2, 0.3, 0.1], tmp_path / "std.png"),
@@ -105,7 +133,7 @@ def test_every_plot_writes_a_png(tmp_path):
 
 
 def test_empty_heatmap_still_draws(tmp_path):
-    empty = figures.layer_distribution([], [], [], n_layers=4)
+    empty = statistics.layer_distribution([], [], [], n_layers=4)
     path = figures.plot_layer_heatmap(empty, tmp_path / "empty.png", "nothing fired")
     assert path.exists() and path.stat().st_size > 1000
 
