@@ -59,7 +59,7 @@ def cli(*flags: str, multiple: bool = False, commands: tuple[str, ...] = ("run",
 
 
 OPTION_NAMES = {"ks": "-k", "expansion_factors": "--expansion-factor",
-                "base_expansion_factor": "--base-R"}
+                "base_expansion_factor": "--base-R", "dose_expansion_factors": "--dose-R"}
 """CLI flags that are not simply --field-name."""
 
 
@@ -154,9 +154,15 @@ class Grid:
     combination; the base config also gets the baselines and the lens."""
     base_k: int | None = field(default=None, metadata=cli())
     """Base k of a star grid (see --base-R)."""
+    dose_expansion_factors: list[int] | None = field(default=None, metadata=cli(
+        "--dose-R", multiple=True))
+    """R dose-response: also train the MLSAE at each of these R at --dose-k (no lens, no
+    baselines), beside the grid; repeat for several."""
+    dose_k: int | None = field(default=None, metadata=cli())
+    """The k of the R dose-response (see --dose-R)."""
 
     def __post_init__(self) -> None:
-        for name in ("expansion_factors", "ks"):
+        for name in ("expansion_factors", "ks", "dose_expansion_factors"):
             values = getattr(self, name)
             if values is None:
                 continue
@@ -185,6 +191,7 @@ class Grid:
                 _fail("Grid", "layers", self.layers, "list each block once")
         _check_positive("Grid", "base_expansion_factor", self.base_expansion_factor)
         _check_positive("Grid", "base_k", self.base_k)
+        _check_positive("Grid", "dose_k", self.dose_k)
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -279,8 +286,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sweep": {"grid": dict(expansion_factors=[2, 4], ks=[8, 16], lens="off", baselines=False),
               "budget": _DEMO_BUDGET},
     # The report's star grid; steps of 1024 tokens so FVU settles within the embedded corpus.
+    # Beside the star, an R dose-response at k 32 up to the paper's R 64 (issue 14).
     "report": {"grid": dict(expansion_factors=[2, 4, 8], ks=[8, 16, 32], base_expansion_factor=4,
-                            base_k=16, lens="both", baselines=True),
+                            base_k=16, lens="both", baselines=True,
+                            dose_expansion_factors=[4, 16, 64], dose_k=32),
                "budget": dict(train_tokens=2_000_000, eval_tokens=16_384, seq_len=128,
                               batch_tokens=1024, lr=1e-3, shuffle_tokens=65_536)},
     # The paper's recipe (SPEC 1-2).
@@ -722,12 +731,15 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
         else:
             rs = sorted(set(rs) | {grid.base_expansion_factor})
             ks = sorted(set(ks) | {grid.base_k})
-    for r in rs:
-        for k in ks:
-            n_latents = r * d_model
-            if k > n_latents:
-                problems.append(f"-k {k} > n_latents {n_latents} (expansion factor {r} x "
-                                f"d_model {d_model}): lower k or raise the expansion factor")
+    dose = list(grid.dose_expansion_factors or [])
+    if bool(dose) != (grid.dose_k is not None):
+        problems.append("an R dose-response needs both --dose-R and --dose-k (or neither)")
+        dose = []
+    for r, k in [(r, k) for r in rs for k in ks] + [(r, grid.dose_k) for r in dose]:
+        n_latents = r * d_model
+        if k > n_latents:
+            problems.append(f"-k {k} > n_latents {n_latents} (expansion factor {r} x "
+                            f"d_model {d_model}): lower k or raise the expansion factor")
     if info["max_positions"] and budget.seq_len > info["max_positions"]:
         problems.append(f"--seq-len {budget.seq_len} exceeds the model's "
                         f"{info['max_positions']} positions: use --seq-len "
@@ -758,6 +770,14 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
                            notes)
     lenses = {"off": [False], "on": [True], "both": [False, True]}[grid.lens]
     specs: list[SAESpec] = []
+
+    def spec(role: str, spec_layers: list[int], r: int, k: int, use_lens: bool) -> SAESpec:
+        return SAESpec(
+            sae_id=sae_id_for(info, target.data, budget, target, r, k, spec_layers, use_lens,
+                              role),
+            role=role, expansion_factor=r, k=k, layers=spec_layers, lens=use_lens,
+            n_latents=r * d_model)
+
     for use_lens in lenses:
         for r in rs:
             for k in ks:
@@ -768,18 +788,14 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
                         continue
                 else:
                     base = True
-
-                def spec(role: str, spec_layers: list[int], r=r, k=k, use_lens=use_lens
-                         ) -> SAESpec:
-                    return SAESpec(
-                        sae_id=sae_id_for(info, target.data, budget, target, r, k, spec_layers,
-                                          use_lens, role),
-                        role=role, expansion_factor=r, k=k, layers=spec_layers, lens=use_lens,
-                        n_latents=r * d_model)
-                specs.append(spec("mlsae", chosen))
+                specs.append(spec("mlsae", chosen, r, k, use_lens))
                 if (grid.baselines and len(chosen) > 1 and base
                         and not (star and use_lens)):
-                    specs += [spec("baseline", [layer]) for layer in chosen]
+                    specs += [spec("baseline", [layer], r, k, use_lens) for layer in chosen]
+    for r in dose:  # the R dose-response line, where the grid does not already hold it
+        dose_spec = spec("mlsae", chosen, r, grid.dose_k, False)
+        if all(s["sae_id"] != dose_spec["sae_id"] for s in specs):
+            specs.append(dose_spec)
 
     n_sequences = -(-budget.train_tokens // budget.seq_len)
     if corpus.get("train"):  # a cache holds at most the whole split (reread for epochs)

@@ -11,7 +11,11 @@ Reproducible end to end, offline, on the embedded corpus:
      the numbers for the model card (training_log.json).
 
 Usage:  python scripts/train_embedded_model.py [--steps 1200] [--out mlsae/embedded/model]
+        python scripts/train_embedded_model.py --layers 4 --width 128 --heads 4 \
+            --tokenizer mlsae/embedded/model --out mlsae/embedded/family/4x128
 Seeded; on 2 CPU threads the default run (bf16 autocast, fp32 weights) takes 20-30 minutes.
+The model family (mlsae/embedded/family/) is the same recipe at other shapes, with the
+default model's tokenizer reused (--tokenizer) so every member sees the same token ids.
 """
 
 from __future__ import annotations
@@ -63,14 +67,15 @@ def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.nda
     return np.asarray(flat, dtype=np.int32)
 
 
-def build_model(vocab_size: int, seed: int) -> GPTNeoXForCausalLM:
+def build_model(vocab_size: int, seed: int, layers: int = 6, width: int = 256,
+                heads: int = 8) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        intermediate_size=1024,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * width,
         rotary_pct=0.25,
         max_position_embeddings=1024,
         use_parallel_residual=True,
@@ -108,6 +113,11 @@ def main() -> None:
     parser.add_argument("--eval-seqs", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=6, help="transformer blocks")
+    parser.add_argument("--width", type=int, default=256, help="d_model (MLP is 4x)")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="reuse this directory's tokenizer instead of training one")
     parser.add_argument("--no-bf16", action="store_true",
                         help="train in plain fp32 (bf16 autocast is ~1.5x faster on CPU)")
     args = parser.parse_args()
@@ -117,9 +127,12 @@ def main() -> None:
     train_texts = pq.read_table(CORPUS / "train.parquet")["text"].to_pylist()
     test_texts = pq.read_table(CORPUS / "test.parquet")["text"].to_pylist()
     t0 = time.time()
-    tokenizer = train_tokenizer(train_texts, args.vocab)
+    if args.tokenizer is not None:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = train_tokenizer(train_texts, args.vocab)
     tokenizer.save_pretrained(args.out)
-    print(f"tokenizer trained in {time.time() - t0:.1f}s", flush=True)
+    print(f"tokenizer ready in {time.time() - t0:.1f}s", flush=True)
 
     train_ids = token_stream(tokenizer, train_texts)
     test_ids = token_stream(tokenizer, test_texts)
@@ -131,7 +144,9 @@ def main() -> None:
     print(f"train tokens {train_ids.size:,} ({n_train_seq} seqs), test tokens {test_ids.size:,}",
           flush=True)
 
-    model = build_model(len(tokenizer), args.seed)
+    if args.width % args.heads or (args.width // args.heads) % 8:
+        parser.error("--width / --heads must be a multiple of 8 (rotary on 25% of head dims)")
+    model = build_model(len(tokenizer), args.seed, args.layers, args.width, args.heads)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -190,11 +205,11 @@ def main() -> None:
         "seconds": time.time() - t_start, "args": {k: str(v) for k, v in vars(args).items()},
     })
     (args.out / "training_log.json").write_text(json.dumps(log))
-    plot_curve(log, args.out / "loss_curve.png")
+    plot_curve(log, args.out / "loss_curve.png", f"{args.layers}x{args.width}")
     print(f"done: held-out loss (full test split) {final_heldout:.4f}, {n_params:,} params")
 
 
-def plot_curve(log: dict, path: Path) -> None:
+def plot_curve(log: dict, path: Path, shape: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +224,7 @@ def plot_curve(log: dict, path: Path) -> None:
             label="held-out")
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("embedded GPT-NeoX 6x256: pretraining")
+    ax.set_title(f"embedded GPT-NeoX {shape}: pretraining")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -136,9 +136,23 @@ def test_report_star_grid_matches_the_report():
     plan = make_plan(report_request())
     roles = [(s["expansion_factor"], s["k"], s["lens"], s["role"]) for s in plan["specs"]]
     mlsaes = {r[:3] for r in roles if r[3] == "mlsae"}
-    assert mlsaes == {(2, 16, False), (4, 16, False), (8, 16, False), (4, 8, False),
-                      (4, 32, False), (4, 16, True)}
+    star = {(2, 16, False), (4, 16, False), (8, 16, False), (4, 8, False), (4, 32, False),
+            (4, 16, True)}
+    dose = {(16, 32, False), (64, 32, False)}  # R 4 at k 32 is already on the star
+    assert mlsaes == star | dose and len(roles) == len(set(roles)) + 5  # baselines share R/k
     assert sum(r[3] == "baseline" for r in roles) == 6
+
+
+def test_dose_response_needs_both_fields_and_fits_k():
+    with pytest.raises(InvalidRequest, match="--dose-R and --dose-k"):
+        make_plan(RunRequest(grid={"dose_expansion_factors": [2]}))
+    with pytest.raises(InvalidRequest, match="-k 600 > n_latents 512"):
+        make_plan(RunRequest(grid={"dose_expansion_factors": [2], "dose_k": 600}))
+    with pytest.raises(InvalidRequest, match="--dose-k 0"):
+        RunRequest(grid={"dose_expansion_factors": [2], "dose_k": 0})
+    plan = make_plan(RunRequest(grid={"dose_expansion_factors": [2, 4], "dose_k": 16}))
+    got = [(s["expansion_factor"], s["k"], s["role"]) for s in plan["specs"]]
+    assert got.count((4, 16, "mlsae")) == 1 and (2, 16, "mlsae") in got  # no duplicate
 
 
 def test_training_source_follows_the_cache_limit():
