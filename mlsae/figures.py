@@ -309,3 +309,48 @@ def plot_calibration(curves: dict[str, tuple[Sequence[float], dict[str, Sequence
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1)
     return _save(fig, path)
+
+
+def plot_against_size(xlabel: str, points: dict[str, Sequence[float]],
+                      measures: dict[str, Sequence[float | None]],
+                      ratios: dict[str, Sequence[float | None]], path: str | os.PathLike,
+                      title: str = "", paper_ratio: float | None = None) -> Path:
+    """Two panels against one size axis (model size, or R of a dose-response): `measures`
+    (shares, similarities; linear, left) and `ratios` (log, right; a dotted line at
+    `paper_ratio`). `points` maps each x label (a model name, "R") to its x values, in
+    the order of the series' values; missing or non-positive ratios are left out."""
+    xs = np.asarray([x for values in points.values() for x in values], dtype=float)
+    if xs.size == 0 or any(len(v) != xs.size for v in (*measures.values(), *ratios.values())):
+        raise ValueError("every series needs one value per point")
+    order = np.argsort(xs, kind="stable")
+    log_x = xs.min() > 0 and xs.max() > 8 * xs.min()
+    fig, (ax_m, ax_r) = _new_figure(10, 4, ncols=2)
+
+    def draw(ax, series: dict[str, Sequence[float | None]], positive: bool) -> None:
+        for name, values in series.items():
+            y = np.asarray([np.nan if v is None else v for v in values], dtype=float)[order]
+            keep = np.isfinite(y) & ((y > 0) if positive else True)
+            ax.plot(xs[order][keep], y[keep], marker="o", label=name)
+
+    draw(ax_m, measures, positive=False)
+    draw(ax_r, ratios, positive=True)
+    if len(points) > 1:  # name each model at its x
+        for name, values in points.items():
+            for x in values:
+                ax_m.annotate(name, (x, 0), xycoords=("data", "axes fraction"), fontsize="x-small",
+                              rotation=90, va="bottom", ha="right", color="grey")
+    if paper_ratio is not None:
+        ax_r.axhline(paper_ratio, color="grey", ls=":", lw=1)
+        ax_r.text(xs.min(), paper_ratio * 1.08, f"paper: ~{paper_ratio:g} (reference A/B only)",
+                  fontsize="x-small", color="grey")
+    ax_m.set(xlabel=xlabel, ylabel="share / similarity", title="Measures")
+    ax_r.set(xlabel=xlabel, ylabel="aggregated / per-token layer variance", yscale="log",
+             title="Variance ratios")
+    for ax in (ax_m, ax_r):
+        if log_x:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return _save(fig, path)

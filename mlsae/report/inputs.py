@@ -1,0 +1,127 @@
+"""What the report is asked to describe: the grid of autoencoders, the models, the budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """One autoencoder of the report's grid."""
+
+    sae_id: str
+    role: str
+    """"mlsae" or "baseline" (a single-layer SAE)."""
+    expansion_factor: int
+    k: int
+    lens: bool
+    layers: list[int]
+    run_dir: str
+    """Its training directory (train_summary.json, the saved autoencoder under sae/)."""
+
+    @property
+    def label(self) -> str:
+        if self.role == "baseline":
+            return f"layer-{self.layers[0]} SAE R{self.expansion_factor} k{self.k}"
+        return f"MLSAE R{self.expansion_factor} k{self.k}{' lens' if self.lens else ''}"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the cross-model section: its shape and its base-config MLSAE."""
+
+    name: str
+    """The model as the `saes` table names it ("embedded", a directory, a hub id)."""
+    n_layers: int
+    """Blocks the MLSAE reads (L)."""
+    d_model: int
+    base_id: str
+    """Its MLSAE at the report's base config (R, k), without the lens."""
+    n_params: int | None = None
+    """Parameters of the model (from its weight files); None when unknown."""
+    cache_dir: str | None = None
+    """Its training activation cache (Fig. 1's residual sample); None for a streamed run."""
+    extract: Any = None
+    """mlsae.extract.ExtractConfig to stream a residual sample from when there is no cache."""
+
+    @property
+    def size(self) -> int:
+        """n_layers x d_model: the size axis when parameter counts are unknown."""
+        return self.n_layers * self.d_model
+
+
+@dataclass
+class ReportInputs:
+    """Everything the report reads besides the warehouse's tables."""
+
+    warehouse: Path
+    model: str
+    """The first model: the one with the full star grid."""
+    data: str
+    n_layers: int
+    d_model: int
+    grid: list[GridEntry]
+    base_id: str
+    """The base MLSAE: compared with the single-layer SAEs, drawn in the figures."""
+    train_tokens: int
+    eval_tokens: int
+    seq_len: int
+    lr: float
+    batch_tokens: int
+    command: str
+    """The command that regenerates the report."""
+    warehouse_arg: str | None = None
+    """How the commands shown in the report name the warehouse (`--out ...`); None = the
+    default warehouse ($MLSAE_HOME), so no --out."""
+    pipeline_figures: list[str] = field(default_factory=list)
+    """PNG files the pipeline drew (Fig. 1-3, MMCS, layer std by config), copied in."""
+    cache_dir: str | None = None
+    """The first model's training activation cache (for the Fig. 1 numbers)."""
+    extract: Any = None
+    """The first model's ExtractConfig to stream Fig. 1's sample from when there is no cache."""
+    n_params: int | None = None
+    """The first model's parameter count (None: unknown)."""
+    family: list[ModelEntry] = field(default_factory=list)
+    """The other models (base-config MLSAE each) for the cross-model section."""
+    dose_k: int | None = 32
+    """k of the R dose-response section (the grid's MLSAEs at this k, every R found)."""
+    started_at: float | None = None
+    """Unix time this report run started (for the runtime ledger)."""
+    device: str = "cpu"
+    calibration_tokens: int = 8192
+    """Tokens per synthetic table of the calibration (section 3): 4 batches of 2048."""
+
+    def __post_init__(self) -> None:
+        ids = [e.sae_id for e in self.grid]
+        if self.base_id not in ids:
+            raise ValueError(f"base autoencoder {self.base_id!r} is not in the grid")
+        if len(set(ids)) != len(ids):
+            raise ValueError("the grid lists an autoencoder twice")
+
+    @property
+    def mlsaes(self) -> list[GridEntry]:
+        return [e for e in self.grid if e.role == "mlsae"]
+
+    @property
+    def base(self) -> GridEntry:
+        return next(e for e in self.grid if e.sae_id == self.base_id)
+
+    @property
+    def baselines(self) -> list[GridEntry]:
+        return sorted((e for e in self.grid if e.role == "baseline"), key=lambda e: e.layers[0])
+
+    @property
+    def lens_entry(self) -> GridEntry | None:
+        """The MLSAE at the base (R, k) in the tuned-lens basis, if the grid has one."""
+        base = self.base
+        return next((e for e in self.mlsaes if e.lens and (e.expansion_factor, e.k)
+                     == (base.expansion_factor, base.k)), None)
+
+    @property
+    def models(self) -> list[ModelEntry]:
+        """Every model of the report, the first (star grid) first."""
+        first = ModelEntry(self.model, self.n_layers, self.d_model, self.base_id,
+                           self.n_params, self.cache_dir, self.extract)
+        return [first, *self.family]
