@@ -13,6 +13,14 @@
     <warehouse>/.prefect/results/                Prefect's task results (the step cache)
     <warehouse>/.tmp/                            files being written, and the trash
 
+A warehouse at a URL (s3://bucket/prefix) has the same layout in the bucket, plus
+
+    <warehouse>/.commits/<unit>.json             what makes a unit of files visible
+    <warehouse>/.leases/<name>.json              who is writing an autoencoder now
+
+and is written through a local working copy (scratch_dir: the activation caches stay
+there), whose finished units mlsae.warehouse.remote publishes.
+
 Every other module asks this one for a location instead of joining paths itself.
 """
 
@@ -24,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsae.warehouse.errors import WarehouseError
-from mlsae.warehouse.tables import TABLE_SPECS, TABLES, check_sae_id
+from mlsae.warehouse.tables import PART_SUM_TABLES, TABLE_SPECS, TABLES, check_sae_id
 
 SETUP_SQL = "setup.sql"
 ACTIVATIONS_DIR = "activations"
@@ -44,15 +52,22 @@ def is_url(where: object) -> bool:
 
 
 def check_local(where: str | os.PathLike) -> Path:
-    """`where` as a local path, for commands that write; WarehouseError for a URL, which
-    would otherwise become a local directory named like the scheme (`s3:`) without a word."""
+    """`where` as a local path, for what works on local files only (init_warehouse, the
+    plain-duckdb setup script, gc); WarehouseError for a URL, which would otherwise become
+    a local directory named like the scheme (`s3:`) without a word."""
     if is_url(where):
         raise WarehouseError(
-            f"warehouse {str(where)!r} is a URL: runs write their warehouse to a local "
-            "directory (writing to object storage is not supported yet; `mlsae sql` reads "
-            "one). Use a local path, then copy it to the bucket (e.g. `aws s3 sync DIR "
-            "s3://bucket/prefix`); nothing was written")
+            f"{str(where)!r} is a URL, but this works on a local warehouse directory only: "
+            "use a local path (`mlsae run`, `mlsae sql`, `mlsae import` and the flows take a "
+            "bucket URL; this command does not); nothing was written")
     return Path(where)
+
+
+def check_writable(where: str | os.PathLike) -> None:
+    """Raise WarehouseError, naming the package to install, if `where` is a URL whose
+    filesystem is not installed; a local path always passes (it is created later)."""
+    if is_url(where):
+        warehouse_location(where)
 
 
 def warehouse_location(where: str | os.PathLike) -> Any:
@@ -106,13 +121,14 @@ AUTOENCODERS_DIR = "autoencoders"
 
 
 def activation_cache_dir(warehouse_dir: str | os.PathLike, key: str) -> Path:
-    """Where the activation cache with this key (mlsae.extract.cache_key) lives."""
-    return _root(warehouse_dir) / ACTIVATIONS_DIR / key
+    """Where the activation cache with this key (mlsae.extract.cache_key) lives: in the
+    warehouse, or for a URL in this worker's working copy (never uploaded)."""
+    return working_dir(warehouse_dir) / ACTIVATIONS_DIR / key
 
 
 def activation_caches(warehouse_dir: str | os.PathLike) -> list[Path]:
-    """Every activation cache directory of the warehouse."""
-    root = _root(warehouse_dir) / ACTIVATIONS_DIR
+    """Every activation cache directory of the warehouse (of its working copy, for a URL)."""
+    root = working_dir(warehouse_dir) / ACTIVATIONS_DIR
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
@@ -149,9 +165,19 @@ def report_dir(warehouse_dir: str | os.PathLike, model_slug: str) -> Path:
     return _root(warehouse_dir) / REPORT_DIR / model_slug
 
 
-def results_dir(warehouse_dir: str | os.PathLike) -> Path:
-    """Prefect's persisted task results for this warehouse: the step cache."""
+def results_dir(warehouse_dir: str | os.PathLike) -> Path | str:
+    """Prefect's persisted task results for this warehouse: the step cache. For a URL the
+    URL of that prefix in the bucket, so every worker shares it."""
+    if is_url(warehouse_dir):
+        return f"{warehouse_url(warehouse_dir)}/{RESULTS_DIR}"
     return Path(warehouse_dir).resolve() / RESULTS_DIR
+
+
+def scratch_results_dir(warehouse_dir: str | os.PathLike) -> Path:
+    """The step cache of what stays on this worker (the activation cache's extraction):
+    a cached result must live where its output lives, or another worker would skip a
+    step whose files it does not have."""
+    return working_dir(warehouse_dir) / RESULTS_DIR
 
 
 def setup_sql_path(warehouse_dir: str | os.PathLike) -> Path:
@@ -219,3 +245,120 @@ def require_warehouse(warehouse_dir: str | os.PathLike) -> Path:
 
 
 TEMP_DIR = ".tmp"
+PART_TABLES = ("tokens", "latents", *PART_SUM_TABLES)
+"""The tables a logged part has one file in, under the same name."""
+
+
+# --------------------------------------------------------------------------- a warehouse at a URL
+
+SCRATCH_ENV = "MLSAE_SCRATCH"
+COMMITS_DIR = ".commits"
+LEASES_DIR = ".leases"
+PUBLISH_STATE = ".tmp/published.json"
+"""In a working copy: what was published, by (size, mtime), so unchanged files are not
+hashed again."""
+
+
+def warehouse_url(where: str | os.PathLike) -> str:
+    """A URL warehouse's canonical spelling (no trailing slash): its identity in cache keys."""
+    return str(where).rstrip("/")
+
+
+def scratch_dir(where: str | os.PathLike) -> Path:
+    """The local working copy of the warehouse at URL `where`: $MLSAE_SCRATCH (`--scratch`),
+    else ~/.cache/mlsae/scratch, then a directory per URL (one scratch may serve several
+    warehouses)."""
+    import hashlib
+
+    base = os.environ.get(SCRATCH_ENV) or Path.home() / ".cache" / "mlsae" / "scratch"
+    digest = hashlib.sha1(warehouse_url(where).encode()).hexdigest()[:16]
+    return Path(base).expanduser().resolve() / digest
+
+
+def working_dir(where: str | os.PathLike) -> Path:
+    """Where this process reads and writes files of the warehouse: the directory itself, or
+    for a URL its working copy (scratch_dir)."""
+    return scratch_dir(where) if is_url(where) else Path(where).expanduser().resolve()
+
+
+def public_path(where: str | os.PathLike, local: str | os.PathLike) -> str:
+    """How a task's manifest names a file of the working copy: for a URL warehouse the
+    object's URL, the same on every worker (so the cache keys of the steps that take the
+    manifest do not depend on a worker's scratch path); else the local path."""
+    if not is_url(where):
+        return str(local)
+    relative = Path(local).resolve().relative_to(scratch_dir(where)).as_posix()
+    return f"{warehouse_url(where)}/{relative}"
+
+
+def local_path(where: str | os.PathLike, recorded: str | os.PathLike) -> Path:
+    """The local file a manifest's path (public_path) names on this worker."""
+    url = warehouse_url(where)
+    if is_url(where) and str(recorded).startswith(url + "/"):
+        return scratch_dir(where) / str(recorded)[len(url) + 1:]
+    return Path(recorded)
+
+
+def commit_key(unit: str) -> str:
+    """The commit object of a publish unit, relative to the warehouse."""
+    return f"{COMMITS_DIR}/{unit}.json"
+
+
+def lease_key(name: str) -> str:
+    return f"{LEASES_DIR}/{name}.json"
+
+
+_PART = re.compile(r"^(?P<table>[a-z_]+)/sae_id=(?P<sae>[^/]+)/(?P<part>part-\d+)\.parquet$")
+_SAE_WEIGHTS = re.compile(rf"^{AUTOENCODERS_DIR}/(?P<sae>[^/]+)/sae/[^/]+$")
+_NEVER_PUBLISHED = (ACTIVATIONS_DIR + "/", TEMP_DIR + "/", ".prefect/", COMMITS_DIR + "/",
+                    LEASES_DIR + "/")
+
+
+def publish_unit(relative: str) -> str | None:
+    """The unit a file of the working copy is published in (its files become visible
+    together, by one commit object), or None for files that stay local (caches, temp
+    files, locks, the Prefect results, which go to the bucket directly).
+
+    A logged part's five files (tokens, latents and the three sums) form one unit, so a
+    reader never sees a part without its sums; an autoencoder's saved weights (sae/) form
+    one; every other file is a unit of its own."""
+    name = relative.rsplit("/", 1)[-1]
+    if relative.startswith(_NEVER_PUBLISHED) or name.endswith(".lock") \
+            or (name.startswith(".") and relative != WAREHOUSE_MARKER):
+        return None
+    part = _PART.match(relative)
+    if part and part["table"] in TABLES:
+        return f"parts/sae_id={part['sae']}/{part['part']}"
+    weights = _SAE_WEIGHTS.match(relative)
+    if weights:
+        return f"{AUTOENCODERS_DIR}/{weights['sae']}/sae"
+    return relative
+
+
+def unit_complete(unit: str, relatives: list[str]) -> bool:
+    """Whether a unit's local files are all there (a part needs its five tables' files,
+    the weights their config and tensors); incomplete units are not published."""
+    names = {r.rsplit("/", 1)[-1] for r in relatives}
+    if unit.startswith("parts/"):
+        return len(relatives) == len(PART_TABLES)
+    if unit.startswith(AUTOENCODERS_DIR + "/") and unit.endswith("/sae"):
+        return "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    return bool(relatives)
+
+
+def unit_sae_id(unit: str) -> str | None:
+    """The autoencoder a unit belongs to (None: shared files such as figures or lenses)."""
+    for pattern in (r"^parts/sae_id=([^/]+)/", r"^[a-z_]+/sae_id=([^/]+)/",
+                    rf"^{AUTOENCODERS_DIR}/([^/]+)/"):
+        found = re.match(pattern, unit)
+        if found:
+            return found[1]
+    return None
+
+
+def sae_prefixes(sae_id: str) -> list[str]:
+    """Every prefix (relative to the warehouse) under which one autoencoder's objects
+    live: its partition of each table, its training run and its logging manifest."""
+    check_sae_id(sae_id)
+    return ([f"{table}/sae_id={sae_id}/" for table in TABLES]
+            + [f"{AUTOENCODERS_DIR}/{sae_id}/", f"{LOGGING_DIR}/sae_id={sae_id}/"])

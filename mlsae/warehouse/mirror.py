@@ -9,6 +9,12 @@ the bucket. Queries then run on local files, in the same read-only sandbox as a
 local warehouse. Each file is written to a temporary name and renamed, and a lock
 serialises syncs of one mirror, so concurrent readers never see a half-written file.
 
+A warehouse that mlsae wrote to the bucket has commit objects (remote.py): then only
+files of committed units whose objects still carry the committed size and ETag are
+taken (an interrupted upload's debris never is; a unit being overwritten keeps its
+previous mirrored files until its new commit). A warehouse copied without mlsae (no
+`.commits/`, e.g. `aws s3 sync`) is taken file by file.
+
 Where: $MLSAE_MIRROR_DIR/<hash of the URL>, else ~/.cache/mlsae/mirror/<hash>.
 """
 
@@ -22,7 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mlsae.warehouse.layout import SETUP_SQL, WAREHOUSE_MARKER, warehouse_location
+from mlsae.warehouse.layout import COMMITS_DIR, SETUP_SQL, WAREHOUSE_MARKER, warehouse_location
+from mlsae.warehouse.remote import Commit, is_intact
 from mlsae.warehouse.tables import TABLES
 
 STATE = ".mirror.json"
@@ -59,6 +66,30 @@ def _wanted(relative: str) -> bool:
         or relative in (WAREHOUSE_MARKER, SETUP_SQL)
 
 
+def _committed(fs: Any, prefix: str, everything: dict[str, dict], listing: dict[str, dict],
+               state: dict[str, Any]) -> tuple[dict[str, dict], set[str]]:
+    """(the files of intact committed units, the files of units being overwritten, which
+    keep their mirrored version). Commit objects are read again only when their ETag
+    changed (cached in the state as 'commit:<key>')."""
+    commits = []
+    for rel, info in everything.items():
+        if not (rel.startswith(COMMITS_DIR + "/") and rel.endswith(".json")):
+            continue
+        cached = state.get(f"commit:{rel}")
+        if cached is None or cached[0] != _version(info):
+            cached = [_version(info), fs.cat_file(f"{prefix}/{rel}").decode()]
+            state[f"commit:{rel}"] = cached
+        commits.append(Commit.from_json(cached[1]))
+    visible, keep = {}, set()
+    for commit in commits:
+        wanted = [rel for rel in commit.files if _wanted(rel)]
+        if is_intact(commit, everything):
+            visible.update({rel: listing[rel] for rel in wanted})
+        else:
+            keep.update(wanted)
+    return visible, keep
+
+
 def local_mirror(url: Any) -> Path:
     """Sync the local mirror of the warehouse at `url` and return its directory."""
     remote = warehouse_location(url)
@@ -67,9 +98,14 @@ def local_mirror(url: Any) -> Path:
     with _locked(target):
         state_path = target / STATE
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
-        listing = {name[len(prefix) + 1:]: info
-                   for name, info in fs.find(prefix, detail=True).items()}
-        listing = {rel: info for rel, info in listing.items() if _wanted(rel)}
+        fs.invalidate_cache(prefix)
+        everything = {name[len(prefix) + 1:]: info
+                      for name, info in fs.find(prefix, detail=True).items()}
+        listing = {rel: info for rel, info in everything.items() if _wanted(rel)}
+        if any(rel.startswith(COMMITS_DIR + "/") for rel in everything):
+            listing, keep = _committed(fs, prefix, everything, listing, state)
+        else:
+            keep = set()
         for rel, info in listing.items():
             version = _version(info)
             local = target / rel
@@ -80,7 +116,9 @@ def local_mirror(url: Any) -> Path:
             fs.get_file(f"{prefix}/{rel}", str(temp))
             os.replace(temp, local)
             state[rel] = version
-        for rel in sorted(set(state) - set(listing)):  # gone from the bucket
+        for rel in sorted(set(state) - set(listing) - keep):  # gone from the bucket
+            if rel.startswith("commit:"):
+                continue
             gone = target / rel
             gone.unlink(missing_ok=True)
             del state[rel]

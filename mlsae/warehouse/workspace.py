@@ -1,0 +1,103 @@
+"""Where a step works on a warehouse: the directory itself, or for a URL its local working
+copy, with the bucket brought in before and the step's outputs published after.
+
+    with workspace(out, [sae_id]) as local:      # local: a Path, whatever `out` is
+        ... the library writes under `local` as in any local warehouse ...
+
+For a warehouse at a URL the block holds the autoencoders' leases (one writer per
+autoencoder across machines; a second waits, then finds the first's outputs), pulls
+their committed units (weights, checkpoints, logged parts) into the working copy,
+and at the end publishes what the block finished, also when it failed (a finished
+part or a checkpoint is worth keeping), then deletes the debris of killed uploads.
+For a local warehouse it is only the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from mlsae.warehouse.layout import (
+    LENSES_DIR,
+    autoencoder_dir,
+    init_warehouse,
+    is_url,
+    working_dir,
+)
+from mlsae.warehouse.lease import holding
+from mlsae.warehouse.remote import clean_debris, publish, pull
+
+_log = logging.getLogger("mlsae")
+
+
+def prepare_warehouse(out: str | os.PathLike) -> Path:
+    """Create the warehouse (its marker; for a URL the working copy, and the marker in the
+    bucket so readers accept the prefix). Returns the local directory."""
+    local = init_warehouse(working_dir(out))
+    if is_url(out):
+        publish(out)
+    return local
+
+
+@contextlib.contextmanager
+def workspace(out: str | os.PathLike, sae_ids: Iterable[str] = (), *, write: bool = True,
+              log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """The local directory to work in (see the module's docstring). write=False: only pull
+    (a step that reads the autoencoders and writes shared files, e.g. figures)."""
+    local = working_dir(out)
+    if not is_url(out):
+        yield local
+        return
+    ids = sorted(set(sae_ids))
+    say = log or _log.info
+    init_warehouse(local)
+    with contextlib.ExitStack() as leases:
+        if write:
+            for sae_id in ids:  # in one order everywhere: two steps never wait on each other
+                leases.enter_context(holding(out, f"sae-{sae_id}", log=say))
+        pull(out, ids, shared_prefixes=(LENSES_DIR + "/",))
+        try:
+            yield local
+        except BaseException:
+            try:
+                publish(out, ids if write else (), log=say)
+            except Exception as err:  # the step's own error is the one to report
+                say(f"could not publish the finished outputs to {out}: {err}")
+            raise
+        publish(out, ids if write else (), log=say)
+        if write:
+            clean_debris(out, ids)
+
+
+class CheckpointPublisher:
+    """An on_step callback for training (mlsae.sae.train): publishes an autoencoder's
+    checkpoint each time training writes it (TrainConfig.checkpoint_every /
+    checkpoint_seconds), so a run killed on this machine resumes on another."""
+
+    def __init__(self, out: str | os.PathLike, sae_ids: Iterable[str]):
+        from mlsae.sae.train import CHECKPOINT  # training's own file name (torch is loaded)
+
+        self.out = out
+        self.checkpoints = {sae_id: autoencoder_dir(working_dir(out), sae_id) / CHECKPOINT
+                            for sae_id in sae_ids}
+        self.seen = {sae_id: self._mtime(path) for sae_id, path in self.checkpoints.items()}
+
+    @staticmethod
+    def _mtime(path: Path) -> int | None:
+        return path.stat().st_mtime_ns if path.exists() else None
+
+    def __call__(self, *_step) -> None:
+        for sae_id, path in self.checkpoints.items():
+            mtime = self._mtime(path)
+            if mtime != self.seen[sae_id]:
+                self.seen[sae_id] = mtime
+                publish(self.out, [sae_id], shared=False)
+
+
+def checkpoint_publisher(out: str | os.PathLike, sae_ids: Iterable[str]
+                         ) -> CheckpointPublisher | None:
+    """A CheckpointPublisher for a warehouse at a URL; None for a local one (nothing to do)."""
+    return CheckpointPublisher(out, sae_ids) if is_url(out) else None
