@@ -78,10 +78,13 @@ def print_outputs(result: dict, seconds: float | None, examples: bool = True) ->
 
 
 def print_example_queries(out: str) -> None:
-    from mlsae.paths import default_warehouse
+    from mlsae.paths import default_warehouse_location
+    from mlsae.warehouse import is_url
     from tasks.analyse import EXAMPLE_QUERIES
 
-    out_opt = "" if Path(out) == default_warehouse().resolve() else f" --out {out}"
+    home = default_warehouse_location()
+    same = out == home if is_url(out) else not is_url(home) and Path(out) == Path(home).resolve()
+    out_opt = "" if same else f" --out {out}"
     click.echo("\nTry:")
     for what, sql in EXAMPLE_QUERIES:
         click.echo(f"  # {what}\n  mlsae sql{out_opt} \"{sql}\"")
@@ -104,11 +107,16 @@ def command(preset, out, refresh, dry_run, as_json, **fields) -> None:
     checked before anything starts. Rerunning the same command reuses every finished
     step (cached in the warehouse); after a crash or Ctrl-C it continues where it stopped.
     """
+    from mlsae.paths import default_warehouse_location
     from mlsae.plan import make_plan
+    from mlsae.warehouse import check_writable, working_dir
 
     parts = split_options(fields)
     request = build_request(preset, parts)
-    plan = fail_fast(make_plan, request, out)
+    where = out or default_warehouse_location()
+    fail_fast(check_writable, where)
+    # planned against the directory the run writes (a URL's local working copy)
+    plan = fail_fast(make_plan, request, working_dir(where))
     if dry_run:
         print_plan([plan], as_json)
         return

@@ -16,9 +16,10 @@ from typing import Any, TypedDict
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.pipeline import bind_tasks, resolve_out
-from mlsae.warehouse import init_warehouse
-from tasks.common import results_dir, run_logger
+from flows.pipeline import bind_tasks, resolve_warehouse
+from mlsae.warehouse import working_dir
+from mlsae.warehouse.workspace import prepare_warehouse
+from tasks.common import result_storage, run_logger
 from tasks.interop import import_autoencoder
 
 
@@ -57,18 +58,19 @@ def import_flow(
         preset: the evaluation budget's preset (mlsae.plan.PRESETS: eval_tokens, seq_len).
         target: mlsae.plan.Target fields besides the model (data, device, ...).
         budget: mlsae.plan.Budget fields (eval_tokens, seq_len, ...).
-        out: the warehouse directory (default $MLSAE_HOME, else ./mlsae-data).
+        out: the warehouse: a directory or a URL (as for the pipeline; default
+            $MLSAE_HOME, else ./mlsae-data).
         refresh: ignore Prefect's cached task results and rerun every step.
     """
     from mlsae.interop.imports import ImportRequest, plan_import_run
 
-    out_dir = resolve_out(out)
+    out_dir = resolve_warehouse(out)
     request = ImportRequest(source=source, model=model, sae_id=sae_id, layers=layers)
-    plan, settings = plan_import_run(request, preset, target, budget, out_dir)
-    init_warehouse(out_dir)
+    plan, settings = plan_import_run(request, preset, target, budget, working_dir(out_dir))
+    prepare_warehouse(out_dir)
     steps = bind_tasks(out_dir, refresh)
     importer = import_autoencoder.with_options(
-        result_storage=results_dir(out_dir), persist_result=True, result_serializer="json",
+        result_storage=result_storage(out_dir), persist_result=True, result_serializer="json",
         refresh_cache=refresh or None)
     where, sae_id = str(out_dir), plan.sae_id
     fixed = {"source": source, "model": model, "sae_id": sae_id, "layers": layers}

@@ -80,6 +80,17 @@ def field_options(command: str, multiple_models: bool = False) -> list[click.Opt
     return options
 
 
+def _set_scratch(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--scratch is the worker's $MLSAE_SCRATCH (a property of the machine, not of the
+    request), so the flow and its tasks in this process see it."""
+    import os
+
+    from mlsae.warehouse.layout import SCRATCH_ENV
+
+    if value:
+        os.environ[SCRATCH_ENV] = value
+
+
 def run_options(command: str, multiple_models: bool = False) -> Callable:
     """Decorator: --preset, every request field, --out, --dry-run/--json, --refresh."""
     default_preset = {"run": "demo", "sweep": "sweep", "report": "report"}[command]
@@ -90,7 +101,12 @@ def run_options(command: str, multiple_models: bool = False) -> Callable:
                          show_default=True, help=field_docs(RunRequest)["preset"]),
             *field_options(command, multiple_models),
             click.Option(["--out"], default=None,
-                         help="Warehouse directory (default $MLSAE_HOME, else ./mlsae-data)."),
+                         help="Warehouse: a directory or a URL such as s3://bucket/prefix "
+                              "(default $MLSAE_HOME, else ./mlsae-data)."),
+            click.Option(["--scratch"], default=None, expose_value=False, callback=_set_scratch,
+                         help="For a warehouse at a URL: the local directory the run works in "
+                              "(activation caches, the working copy it publishes from; "
+                              "default $MLSAE_SCRATCH, else ~/.cache/mlsae/scratch)."),
             click.Option(["--dry-run"], is_flag=True, default=False,
                          help="Validate, print the plan and its estimated cost (disk, RAM, time), "
                               "and exit without writing anything."),

@@ -24,9 +24,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from mlsae.estimate import format_duration, step_flops
 from mlsae.plan import Budget, Grid, Plan, RunRequest, Target, run_settings, stable_plan
-from mlsae.warehouse import init_warehouse
+from mlsae.warehouse import table_dir, working_dir
+from mlsae.warehouse.workspace import prepare_warehouse
 from tasks.analyse import analyse_autoencoder, report_run
-from tasks.common import ensure_gpu_limit, results_dir, run_logger
+from tasks.common import ensure_gpu_limit, result_storage, run_logger
 from tasks.evaluate import evaluate_autoencoder, evaluate_autoencoders
 from tasks.extract import extract_activations
 from tasks.figures import draw_model_figures, draw_sweep_figures
@@ -47,8 +48,9 @@ class PipelineResult(TypedDict):
 
 
 def resolve_out(out: str | Path | None) -> Path:
-    """The warehouse directory: `out`, else $MLSAE_HOME, else ./mlsae-data (absolute).
-    Created only once the parameters are valid."""
+    """The warehouse directory: `out`, else $MLSAE_HOME, else ./mlsae-data (absolute), for
+    flows that write local directories only (a URL is refused). Created only once the
+    parameters are valid."""
     from mlsae.paths import default_warehouse
     from mlsae.warehouse import check_local
 
@@ -56,11 +58,27 @@ def resolve_out(out: str | Path | None) -> Path:
     return path.resolve()
 
 
-def bind_tasks(out: Path, refresh: bool = False) -> dict[str, Any]:
-    """The pipeline's tasks with their results persisted in this warehouse (the cache)."""
-    options = dict(result_storage=results_dir(out), persist_result=True,
-                   result_serializer="json", refresh_cache=refresh or None)
-    return {t.name: t.with_options(**options) for t in (
+def resolve_warehouse(out: str | Path | None) -> Path | str:
+    """The warehouse: `out`, else $MLSAE_HOME, else ./mlsae-data: an absolute directory, or
+    a URL (s3://bucket/prefix) written through a local working copy
+    (mlsae.warehouse.workspace; $MLSAE_SCRATCH / --scratch)."""
+    from mlsae.paths import default_warehouse_location
+    from mlsae.warehouse import check_writable, is_url, warehouse_url
+
+    where = out or default_warehouse_location()
+    if is_url(where):
+        check_writable(where)
+        return warehouse_url(where)
+    return Path(where).expanduser().resolve()
+
+
+def bind_tasks(out: Path | str, refresh: bool = False) -> dict[str, Any]:
+    """The pipeline's tasks with their results persisted in this warehouse (the cache; for
+    a URL in the bucket, except the extraction's, whose cache stays on the worker)."""
+    options = dict(persist_result=True, result_serializer="json",
+                   refresh_cache=refresh or None)
+    return {t.name: t.with_options(result_storage=result_storage(
+                out, on_worker=t is extract_activations), **options) for t in (
         extract_activations, prepare_lens, train_autoencoder, evaluate_autoencoder,
         evaluate_autoencoders,
         log_latent_tables, analyse_autoencoder, draw_model_figures, draw_sweep_figures,
@@ -96,7 +114,7 @@ class RunProgress:
                      f", ETA ~{format_duration(eta)}" if eta and share < 1 else "")
 
 
-def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
+def submit_model(plan: Plan, out: Path | str, steps: dict[str, Any]
                  ) -> tuple[PrefectFuture, dict[str, PrefectFuture]]:
     """Submit one model's whole task graph; return (figures future, analysis futures by sae_id).
 
@@ -153,7 +171,7 @@ def submit_model(plan: Plan, out: Path, steps: dict[str, Any]
     return figures, analyses
 
 
-def result_of(plan: Plan, out: Path, figures: PrefectFuture,
+def result_of(plan: Plan, out: Path | str, figures: PrefectFuture,
               analyses: dict[str, PrefectFuture]) -> PipelineResult:
     figure_manifest = figures.result()
     summaries = [row for future in analyses.values()
@@ -162,7 +180,8 @@ def result_of(plan: Plan, out: Path, figures: PrefectFuture,
         out=str(out), model=plan["model"]["name"],
         sae_ids=[spec["sae_id"] for spec in plan["specs"]],
         mlsae_ids=[spec["sae_id"] for spec in plan["specs"] if spec["role"] == "mlsae"],
-        tables={t: str(out / t) for t in ("saes", "layer_metrics", "tokens", "latents")},
+        tables={t: str(table_dir(out, t)) for t in ("saes", "layer_metrics", "tokens",
+                                                      "latents")},
         figures=figure_manifest["figures"], variance_summary=summaries)
 
 
@@ -187,15 +206,18 @@ def pipeline(
             baselines, base_expansion_factor, base_k), e.g. {"ks": [16, 32]}.
         budget: how much (mlsae.plan.Budget: train_tokens, eval_tokens, seq_len,
             batch_tokens, lr, seed, k_aux, dead_tokens, shuffle_tokens, cache_limit, ...).
-        out: the warehouse directory (default $MLSAE_HOME, else ./mlsae-data).
+        out: the warehouse: a directory or a URL such as s3://bucket/prefix (default
+            $MLSAE_HOME, else ./mlsae-data). A URL is written through a local working copy
+            ($MLSAE_SCRATCH on the worker), and its step cache lives in the bucket.
         refresh: ignore Prefect's cached task results and re-run every task; each step
             still reuses its finished outputs in the warehouse (delete them to recompute).
             Use it after deleting part of a warehouse.
     """
-    out_dir = resolve_out(out)
+    out_dir = resolve_warehouse(out)
     request = RunRequest(preset=preset, target=target, grid=grid, budget=budget)
-    plan = validate_parameters(request=request, out=str(out_dir))
-    init_warehouse(out_dir)
+    # planned against the directory the run writes (for a URL: its working copy's disk)
+    plan = validate_parameters(request=request, out=str(working_dir(out_dir)))
+    prepare_warehouse(out_dir)
     if ensure_gpu_limit() is not None:
         run_logger().info("GPU work is limited by the 'mlsae-gpu' concurrency limit")
     figures, analyses = submit_model(plan, out_dir, bind_tasks(out_dir, refresh))

@@ -45,11 +45,31 @@ GPU_LIMIT = "mlsae-gpu"
 """Global concurrency limit every GPU-bound task takes one slot of (see ensure_gpu_limit)."""
 
 
-def results_dir(out: str | Path) -> Path:
-    """Where the persisted task results (the cache) of warehouse `out` live."""
+def result_storage(out: str | Path, on_worker: bool = False) -> Any:
+    """Where the persisted task results (the cache) of warehouse `out` live: its directory,
+    or for a URL a RemoteFileSystem block over the bucket's prefix, so a step finished on
+    one worker is skipped on every other. on_worker: the results of steps whose output
+    stays on the worker (the activation cache) stay in its working copy too."""
     from mlsae import warehouse
 
-    return warehouse.results_dir(out)
+    where = warehouse.scratch_results_dir(out) if on_worker else warehouse.results_dir(out)
+    if isinstance(where, Path):
+        return where
+    return _saved_results_block(where)
+
+
+@cache
+def _saved_results_block(url: str) -> Any:
+    """A RemoteFileSystem block over `url`, saved on the server (Prefect takes only saved
+    blocks as task result storage) under a name derived from the URL, the same on every
+    worker."""
+    import hashlib
+
+    from prefect.filesystems import RemoteFileSystem
+
+    block = RemoteFileSystem(basepath=url)
+    block.save(f"mlsae-results-{hashlib.sha1(url.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
 
 
 @cache

@@ -47,19 +47,26 @@ def _mean(rows: list[dict[str, Any]], name: str) -> float | None:
 
 def _record(out: str, trained: TrainManifest, sae: Any, model_name: str, metrics: list
             ) -> EvalManifest:
-    from mlsae.warehouse import sae_record_from_config, write_layer_metrics, write_sae_record
+    from mlsae.warehouse import (
+        public_path,
+        sae_record_from_config,
+        working_dir,
+        write_layer_metrics,
+        write_sae_record,
+    )
 
     rows = [_as_dict(m) for m in metrics]
-    sae_id = trained["sae_id"]
-    path = write_layer_metrics(out, sae_id, rows)
+    sae_id, local = trained["sae_id"], working_dir(out)
+    path = write_layer_metrics(local, sae_id, rows)
     # Last: a `saes` row with metrics is what marks this autoencoder as done (rerun).
-    write_sae_record(out, sae_record_from_config(sae_id, sae.cfg, model_name,
+    write_sae_record(local, sae_record_from_config(sae_id, sae.cfg, model_name,
                                                  trained["train_tokens"]))
     mean = {name: _mean(rows, name) for name in METRICS}
     run_logger().info("%s: mean FVU %s, delta CE %s, L0 %s", sae_id,
                       *(f"{mean[m]:.4g}" if mean[m] is not None else "n/a"
                         for m in ("fvu", "delta_ce", "l0")))
-    return EvalManifest(sae_id=sae_id, layers=rows, mean=mean, metrics_path=str(path))
+    return EvalManifest(sae_id=sae_id, layers=rows, mean=mean,
+                        metrics_path=public_path(out, path))
 
 
 def _evaluate(chosen: list[TrainManifest], lens: LensManifest | None, lens_ids: list[str],
@@ -67,17 +74,21 @@ def _evaluate(chosen: list[TrainManifest], lens: LensManifest | None, lens_ids: 
     from mlsae.models import load_model
     from mlsae.sae import MLSAE
     from mlsae.sae.evaluate import evaluate_saes
+    from mlsae.warehouse import local_path
+    from mlsae.warehouse.workspace import workspace
 
     loaded = load_model(settings["model"]["name"], device=settings["device"])
     device = next(loaded.model.parameters()).device
-    saes = [MLSAE.from_pretrained(t["sae_dir"]).to(device) for t in chosen]
-    basis = load_lens(lens, loaded, out) if lens_ids else None
-    with gpu_slot(settings["device"]):
-        metrics = evaluate_saes(saes, loaded, eval_data(settings),
-                                [basis if t["sae_id"] in lens_ids else None for t in chosen],
-                                memory_bytes=eval_memory(settings), progress_log=progress_log())
-    return [_record(out, t, sae, loaded.name, m)
-            for t, sae, m in zip(chosen, saes, metrics, strict=True)]
+    with workspace(out, [t["sae_id"] for t in chosen], log=progress_log()):
+        saes = [MLSAE.from_pretrained(local_path(out, t["sae_dir"])).to(device) for t in chosen]
+        basis = load_lens(lens, loaded, out) if lens_ids else None
+        with gpu_slot(settings["device"]):
+            metrics = evaluate_saes(saes, loaded, eval_data(settings),
+                                    [basis if t["sae_id"] in lens_ids else None for t in chosen],
+                                    memory_bytes=eval_memory(settings),
+                                    progress_log=progress_log())
+        return [_record(out, t, sae, loaded.name, m)
+                for t, sae, m in zip(chosen, saes, metrics, strict=True)]
 
 
 @task(name="evaluate-autoencoders", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)

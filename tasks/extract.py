@@ -12,6 +12,8 @@ from tasks.common import CACHE_POLICY, TRANSIENT_RETRIES, gpu_slot, progress_log
 
 class CacheManifest(TypedDict):
     cache_dir: str
+    """The cache's directory (for a warehouse at a URL, as mlsae.warehouse.public_path names
+    it: the same on every worker; mlsae.warehouse.local_path gives this worker's copy)."""
     model: str
     layers: list[int]
     d_model: int
@@ -48,6 +50,8 @@ def extract_activations(settings: dict, out: str) -> CacheManifest:
     m = cache.manifest
     logger.info("activation cache: %d sequences, %d unmasked tokens, %d shards",
                 m.n_sequences, m.n_tokens, len(m.shards))
-    return CacheManifest(cache_dir=str(target), model=m.model, layers=list(m.layers),
+    from mlsae.warehouse import public_path
+
+    return CacheManifest(cache_dir=public_path(out, target), model=m.model, layers=list(m.layers),
                          d_model=m.d_model, seq_len=m.seq_len, n_sequences=m.n_sequences,
                          n_tokens=m.n_tokens, n_shards=len(m.shards))

@@ -113,15 +113,28 @@ def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManife
                        analyses: list[AnalysisManifest], out: str) -> FiguresManifest:
     """Fig. 1 for the model; Fig. 2/3, expected-layer histogram, metrics vs baselines and
     MMCS for each MLSAE; layer std by config across the model's MLSAEs."""
+    from mlsae.warehouse.workspace import workspace
+
+    # Reads the autoencoders (pulled, for a URL), writes only the shared figures.
+    with workspace(out, [s["sae_id"] for s in plan["specs"]], write=False):
+        paths = _model_figures(plan, cache, lens, trained, metrics, analyses, out)
+    return FiguresManifest(figures=[warehouse.public_path(out, p) for p in paths])
+
+
+def _model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManifest | None,
+                   trained: list[TrainManifest | list[TrainManifest]],
+                   metrics: list[EvalManifest], analyses: list[AnalysisManifest],
+                   out: str) -> list[Path]:
     from mlsae import figures, statistics
     from mlsae.cache import ActivationCache
     from mlsae.models import load_model
     from mlsae.sae import MLSAE
 
     model = plan["model"]
-    fig_dir = warehouse.figures_dir(out, model["slug"])
+    fig_dir = warehouse.figures_dir(warehouse.working_dir(out), model["slug"])
     if cache is not None:
-        sample = statistics.residual_sample(ActivationCache.open(cache["cache_dir"]))
+        sample = statistics.residual_sample(ActivationCache.open(
+            warehouse.local_path(out, cache["cache_dir"])))
     else:  # streaming run: no cache on disk, take the sample from the model directly
         from mlsae.extract import stream_activations
         from mlsae.plan import extract_config, run_settings
@@ -143,7 +156,7 @@ def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManife
         peers = {s["layers"][0]: s["sae_id"] for s in specs.values() if s["role"] == "baseline"
                  and (s["expansion_factor"], s["k"], s["lens"])
                  == (spec["expansion_factor"], spec["k"], spec["lens"])}
-        sae = MLSAE.from_pretrained(trained_by_id[sae_id]["sae_dir"])
+        sae = MLSAE.from_pretrained(warehouse.local_path(out, trained_by_id[sae_id]["sae_dir"]))
         sae.to(next(loaded.model.parameters()).device).eval()
         basis = load_lens(lens, loaded, out) if spec["lens"] else None
         paths.append(_heatmap(out, sae_id, layers, sae_dir / "fig2_layer_heatmap.png"))
@@ -155,8 +168,8 @@ def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManife
         paths.append(_metrics_vs_baselines(
             layers, metrics_by_id[sae_id], {layer: metrics_by_id[b] for layer, b in peers.items()},
             sae_dir / "metrics_vs_baselines.png"))
-        paths.append(_mmcs(sae, {layer: trained_by_id[b]["sae_dir"] for layer, b in peers.items()},
-                           sae_dir / "mmcs.png"))
+        paths.append(_mmcs(sae, {layer: warehouse.local_path(out, trained_by_id[b]["sae_dir"])
+                                 for layer, b in peers.items()}, sae_dir / "mmcs.png"))
 
     summary = [(specs[a["sae_id"]], a["variance_summary"][0]) for a in analyses
                if a["variance_summary"]]
@@ -168,7 +181,7 @@ def draw_model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManife
             fig_dir / "layer_std_by_config.png"))
     link_figures(f"Figures for {model['name']}", f"figures-{model['slug']}", paths)
     run_logger().info("%d figures in %s", len(paths), fig_dir)
-    return FiguresManifest(figures=[str(p) for p in paths])
+    return paths
 
 
 @task(name="draw-sweep-figures", cache_policy=CACHE_POLICY)
@@ -183,10 +196,13 @@ def draw_sweep_figures(analyses: list[AnalysisManifest], plans: list[Plan],
             if a["variance_summary"]]
     if not rows:
         return FiguresManifest(figures=[])
-    path = figures.plot_layer_std_by_config(
-        [spec_label(spec, slug) for (slug, spec), _ in rows],
-        [row["mean_layer_std"] or 0.0 for _, row in rows],
-        [row["std_layer_std"] or 0.0 for _, row in rows],
-        warehouse.figures_dir(out) / "sweep_layer_std_by_config.png")
+    from mlsae.warehouse.workspace import workspace
+
+    with workspace(out, write=False) as local:
+        path = figures.plot_layer_std_by_config(
+            [spec_label(spec, slug) for (slug, spec), _ in rows],
+            [row["mean_layer_std"] or 0.0 for _, row in rows],
+            [row["std_layer_std"] or 0.0 for _, row in rows],
+            warehouse.figures_dir(local) / "sweep_layer_std_by_config.png")
     link_figures("Sweep figures", "figures-sweep", [path])
-    return FiguresManifest(figures=[str(path)])
+    return FiguresManifest(figures=[warehouse.public_path(out, path)])

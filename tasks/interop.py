@@ -23,9 +23,14 @@ def import_autoencoder(request: dict[str, Any], fingerprint: str, settings: dict
     plan = plan_import(ImportRequest(**request), model_info=settings["model"])
     for warning in plan.warnings:
         run_logger().warning("%s", warning)
-    sae_dir = save_import(plan, out)
+    from mlsae.warehouse import public_path
+    from mlsae.warehouse.workspace import workspace
+
+    with workspace(out, [plan.sae_id]) as local:
+        sae_dir = save_import(plan, local)
     run_logger().info("imported %s", describe(plan))
-    return TrainManifest(sae_id=plan.sae_id, sae_dir=str(sae_dir), run_dir=str(sae_dir.parent),
+    return TrainManifest(sae_id=plan.sae_id, sae_dir=public_path(out, sae_dir),
+                         run_dir=public_path(out, sae_dir.parent),
                          role="imported", layers=list(plan.sae.cfg.layers), train_tokens=None,
                          steps=0, resumed_from_step=0, final_fvu=None,
                          seconds=round(time.perf_counter() - start, 2))

@@ -44,14 +44,15 @@ def log_latent_tables(trained: TrainManifest | list[TrainManifest], sae_id: str,
     from mlsae import warehouse
     from mlsae.latents import LatentLogConfig, log_latents
     from mlsae.models import load_model
+    from mlsae.warehouse.workspace import workspace
 
     trained = pick_trained(trained, sae_id)
     model, device = settings["model"]["name"], settings["device"]
     loaded = load_model(model, device=device)
-    basis = load_lens(lens, loaded, out)
-    with gpu_slot(device):
+    with workspace(out, [sae_id], log=progress_log()) as local, gpu_slot(device):
+        basis = load_lens(lens, loaded, out)
         result = log_latents(
-            trained["sae_dir"], loaded, eval_data(settings), out,
+            warehouse.local_path(out, trained["sae_dir"]), loaded, eval_data(settings), local,
             trained["sae_id"], basis=basis, config=LatentLogConfig(device=device, memory_bytes=eval_memory(settings)),
             train_tokens=trained["train_tokens"], progress_log=progress_log())
     run_logger().info("%s: %d latent rows over %d tokens (%.1f bytes/row), %d part(s) written; "
@@ -62,5 +63,5 @@ def log_latent_tables(trained: TrainManifest | list[TrainManifest], sae_id: str,
     return LatentsManifest(
         sae_id=result.sae_id, n_sequences=result.n_sequences, n_tokens=result.n_tokens,
         n_rows=result.n_rows, bytes_latents=result.bytes_latents,
-        latents_dir=str(warehouse.partition_dir(out, "latents", result.sae_id)),
-        tokens_dir=str(warehouse.partition_dir(out, "tokens", result.sae_id)))
+        latents_dir=warehouse.public_path(out, warehouse.partition_dir(local, "latents", sae_id)),
+        tokens_dir=warehouse.public_path(out, warehouse.partition_dir(local, "tokens", sae_id)))

@@ -18,9 +18,10 @@ class LensManifest(TypedDict):
 
 
 def lens_cache_dir(out: str) -> Path:
+    """Where trained lenses are kept: in the warehouse (its working copy, for a URL)."""
     from mlsae import warehouse
 
-    return warehouse.lenses_dir(out)
+    return warehouse.lenses_dir(warehouse.working_dir(out))
 
 
 @task(name="prepare-lens", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
@@ -40,7 +41,9 @@ def prepare_lens(settings: dict, out: str) -> LensManifest:
     local = data not in ("", "embedded") and Path(data).exists()
     train = LensTrainConfig(data=data if local else None,
                             seq_len=min(256, max_positions(loaded.model) or 256))
-    with gpu_slot(device):
+    from mlsae.warehouse.workspace import workspace
+
+    with workspace(out), gpu_slot(device):  # a lens trained here is published
         basis = load_basis("auto", loaded, train=train, cache_dir=lens_cache_dir(out))
     run_logger().info("tuned lens for %s: %s", model, basis.name)
     return LensManifest(lens=str(basis.name), condition_max=float(basis.condition_L.max()))

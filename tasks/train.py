@@ -32,10 +32,12 @@ class TrainManifest(TypedDict):
 
 
 def autoencoder_dir(out: str, sae_id: str) -> Path:
-    """<out>/autoencoders/<sae_id> (mlsae.warehouse.autoencoder_dir)."""
+    """<out>/autoencoders/<sae_id> (mlsae.warehouse.autoencoder_dir) in the directory this
+    worker writes (a URL warehouse's working copy)."""
     from mlsae.warehouse import autoencoder_dir as in_warehouse
+    from mlsae.warehouse import working_dir
 
-    return in_warehouse(out, sae_id)
+    return in_warehouse(working_dir(out), sae_id)
 
 
 def flatten_trained(trained: list[Any]) -> list[TrainManifest]:
@@ -52,11 +54,14 @@ def pick_trained(trained: TrainManifest | list[TrainManifest], sae_id: str) -> T
     raise KeyError(f"no trained autoencoder {sae_id!r} among {[m['sae_id'] for m in found]}")
 
 
-def _manifest(spec: dict[str, Any], settings: dict, run_dir: Path, result, seconds: float
-              ) -> TrainManifest:
+def _manifest(spec: dict[str, Any], settings: dict, out: str, run_dir: Path, result,
+              seconds: float) -> TrainManifest:
+    from mlsae.warehouse import public_path
+
     last = result.history[-1] if result.history else {}
     return TrainManifest(
-        sae_id=spec["sae_id"], sae_dir=str(result.sae_dir), run_dir=str(run_dir),
+        sae_id=spec["sae_id"], sae_dir=public_path(out, result.sae_dir),
+        run_dir=public_path(out, run_dir),
         role=spec["role"], layers=list(spec["layers"]), train_tokens=settings["train_tokens"],
         steps=result.steps, resumed_from_step=result.resumed_from_step,
         final_fvu=last.get("fvu"), seconds=round(seconds, 2))
@@ -70,6 +75,8 @@ def train_autoencoder(spec: dict[str, Any], settings: dict, cache: CacheManifest
     from mlsae.interrupt import stop_requested
     from mlsae.plan import train_config
     from mlsae.sae import train_sae
+    from mlsae.warehouse import local_path
+    from mlsae.warehouse.workspace import checkpoint_publisher, workspace
 
     cfg = train_config(settings, spec, lens["lens"] if lens else None)
     run_dir = autoencoder_dir(out, spec["sae_id"])
@@ -82,10 +89,12 @@ def train_autoencoder(spec: dict[str, Any], settings: dict, cache: CacheManifest
                       "steps", spec["sae_id"], spec["role"], spec["expansion_factor"],
                       cfg.sae.n_latents, spec["k"], spec["layers"], cfg.train_tokens, cfg.n_steps)
     start = time.perf_counter()
-    with gpu_slot(settings["device"]):
-        result = train_sae(cfg, ActivationCache.open(cache["cache_dir"]), run_dir, basis=basis,
+    ids = [spec["sae_id"]]
+    with workspace(out, ids, log=progress_log()), gpu_slot(settings["device"]):
+        result = train_sae(cfg, ActivationCache.open(local_path(out, cache["cache_dir"])),
+                           run_dir, basis=basis, on_step=checkpoint_publisher(out, ids),
                            progress_log=progress_log(), should_stop=stop_requested)
-    return _manifest(spec, settings, run_dir, result, time.perf_counter() - start)
+    return _manifest(spec, settings, out, run_dir, result, time.perf_counter() - start)
 
 
 @task(name="train-autoencoders-streaming", cache_policy=CACHE_POLICY)
@@ -98,6 +107,7 @@ def train_autoencoders_streaming(specs: list[dict[str, Any]], settings: dict,
     from mlsae.models import load_model
     from mlsae.plan import extract_config, train_config
     from mlsae.sae import train_many
+    from mlsae.warehouse.workspace import checkpoint_publisher, workspace
 
     stream_cfg = extract_config(settings, stream=True)
     loaded = load_model(settings["model"]["name"], device=settings["device"],
@@ -110,15 +120,17 @@ def train_autoencoders_streaming(specs: list[dict[str, Any]], settings: dict,
                       "%d steps of %d tokens", len(specs), settings["train_tokens"],
                       cfgs[0].n_steps, cfgs[0].batch_tokens)
     start = time.perf_counter()
-    with gpu_slot(settings["device"]):
+    ids = [spec["sae_id"] for spec in specs]
+    with workspace(out, ids, log=progress_log()), gpu_slot(settings["device"]):
         results = train_many(cfgs, ActivationStream(stream_cfg, loaded), run_dirs,
                              bases=[basis if spec["lens"] else None for spec in specs],
                              source_layers=list(settings["layers"]),
+                             on_step=checkpoint_publisher(out, ids),
                              progress_log=progress_log(), should_stop=stop_requested)
     seconds = time.perf_counter() - start
     if results and results[0].data_exhausted:
         run_logger().warning("the training text ran out after %d of %d steps: give more text "
                              "(--data) or a smaller --train-tokens", results[0].steps,
                              cfgs[0].n_steps)
-    return [_manifest(spec, settings, run_dir, result, seconds)
+    return [_manifest(spec, settings, out, run_dir, result, seconds)
             for spec, run_dir, result in zip(specs, run_dirs, results, strict=True)]
