@@ -46,7 +46,12 @@ import torch
 from torch import Tensor
 
 from mlsae.models import LoadedModel, _hub_reachable
-from mlsae.paths import EMBEDDED_LENS_DIR, EMBEDDED_MODEL_NAME, default_warehouse
+from mlsae.paths import (
+    EMBEDDED_LENS_DIR,
+    EMBEDDED_MODEL_NAME,
+    default_warehouse,
+    embedded_model_dir,
+)
 
 if TYPE_CHECKING:
     from tuned_lens import TunedLens
@@ -354,7 +359,7 @@ def _auto_basis(loaded: LoadedModel, train: LensTrainConfig | None,
     if (out / CONFIG_FILE).exists() and _fits(out, model):
         log.info("using the lens trained earlier for %s: %s", loaded.name, out)
         return load_lens_basis(out, model, name=str(out))
-    is_hub_id = not Path(loaded.name).exists() and loaded.name != EMBEDDED_MODEL_NAME
+    is_hub_id = not Path(loaded.name).exists() and embedded_model_dir(loaded.name) is None
     if is_hub_id and _hub_reachable():
         try:
             path = _hub_lens_dir(loaded.name)

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from mlsae.paths import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME
+from mlsae.paths import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME, embedded_model_dir
 
 if TYPE_CHECKING:  # torch and transformers are imported where used: resolving a model
     import torch  # and checking its files (parameter validation) should not pay ~3 s
@@ -106,6 +106,13 @@ def resolve_model_source(name_or_path: str | Path | None) -> tuple[str | Path, s
             )
         return EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_NAME
     text = str(name_or_path)
+    family_dir = embedded_model_dir(text)
+    if family_dir is not None:
+        if not (family_dir / "config.json").exists():
+            raise ModelLoadError(
+                f"the embedded model {text!r} is missing from {family_dir}; restore it from a "
+                "full checkout or retrain it (its README.md gives the command)")
+        return family_dir, text
     path = Path(text).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -147,9 +154,10 @@ _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
 
 def _weights_fix(name: str, directory: Path | None) -> str:
-    if name == EMBEDDED_MODEL_NAME:
+    if embedded_model_dir(name) is not None:
         return ("Fix: restore the embedded model from a full checkout (git checkout -- "
-                f"{directory}) or retrain it with `python scripts/train_embedded_model.py`")
+                f"{directory}) or retrain it with `python scripts/train_embedded_model.py` "
+                "(its README.md gives the options)")
     if not Path(name).is_absolute():  # a hub id (local directories are resolved, absolute)
         return (f"Fix: download the model again (`{hub_download_command(name)}`, then "
                 "--model DIR), or delete it from the hub cache so it is fetched again")

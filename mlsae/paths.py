@@ -15,6 +15,20 @@ SQL_DIR = PACKAGE_DIR.parent / "sql"
 
 EMBEDDED_MODEL_NAME = "embedded"
 EMBEDDED_CORPUS_NAME = "embedded"
+# The embedded model family: same recipe and tokenizer at other shapes (the report's
+# model-size axis); `--model embedded-4x128` is mlsae/embedded/family/4x128.
+EMBEDDED_FAMILY_DIR = EMBEDDED_DIR / "family"
+EMBEDDED_FAMILY = ("embedded-4x128", "embedded-8x288")
+
+
+def embedded_model_dir(name: object) -> Path | None:
+    """The directory of an embedded model name ("embedded", "embedded-4x128", ...), else None."""
+    text = str(name)
+    if text == EMBEDDED_MODEL_NAME:
+        return EMBEDDED_MODEL_DIR
+    if text in EMBEDDED_FAMILY:
+        return EMBEDDED_FAMILY_DIR / text.removeprefix(EMBEDDED_MODEL_NAME + "-")
+    return None
 
 
 def default_warehouse_location() -> str:

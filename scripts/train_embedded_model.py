@@ -101,6 +101,26 @@ def heldout_loss(model, test_BT: torch.Tensor, batch: int = 16) -> float:
     return total / count
 
 
+CARD_SUBSET_SEQS = 64
+"""The card's second figure: held-out loss on the first 64 test sequences (16,384 tokens),
+cheap enough for the test suite to reproduce on every run."""
+
+
+def saved_model_losses(directory: Path, seq_len: int = 256) -> dict[str, float]:
+    """Held-out loss of the SAVED (fp16) weights, computed in fp32 as a user loading the
+    directory would: the whole TEST split and its first CARD_SUBSET_SEQS sequences."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    test_texts = pq.read_table(CORPUS / "test.parquet")["text"].to_pylist()
+    test_ids = token_stream(tokenizer, test_texts)
+    n_seq = len(test_ids) // seq_len
+    test_BT = torch.from_numpy(test_ids[: n_seq * seq_len].reshape(-1, seq_len))
+    return {"heldout_loss_full_test": heldout_loss(model, test_BT),
+            "heldout_loss_first_64_test_seqs": heldout_loss(model, test_BT[:CARD_SUBSET_SEQS])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("mlsae/embedded/model"))
@@ -118,10 +138,20 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8, help="attention heads")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="reuse this directory's tokenizer instead of training one")
+    parser.add_argument("--card-losses", action="store_true",
+                        help="only compute the card's held-out losses of the model saved in "
+                             "--out (fp16 weights, fp32 compute) into its training_log.json")
     parser.add_argument("--no-bf16", action="store_true",
                         help="train in plain fp32 (bf16 autocast is ~1.5x faster on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.card_losses:
+        log_path = args.out / "training_log.json"
+        log = json.loads(log_path.read_text()) if log_path.exists() else {}
+        log["saved_weights"] = saved_model_losses(args.out, args.seq_len)
+        log_path.write_text(json.dumps(log))
+        print(json.dumps(log["saved_weights"], indent=1))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
 
     train_texts = pq.read_table(CORPUS / "train.parquet")["text"].to_pylist()
@@ -207,6 +237,9 @@ def main() -> None:
     (args.out / "training_log.json").write_text(json.dumps(log))
     plot_curve(log, args.out / "loss_curve.png", f"{args.layers}x{args.width}")
     print(f"done: held-out loss (full test split) {final_heldout:.4f}, {n_params:,} params")
+    log["saved_weights"] = saved_model_losses(args.out, args.seq_len)
+    (args.out / "training_log.json").write_text(json.dumps(log))
+    print(f"saved weights: {log['saved_weights']}")
 
 
 def plot_curve(log: dict, path: Path, shape: str) -> None:
