@@ -14,41 +14,47 @@ from flows.session import call_flow, fail_fast
 
 
 @click.command("report")
-@run_options("report")
+@run_options("report", multiple_models=True)
 @click.option("--copy-to", type=click.Path(path_type=Path), default=None,
               help="Also copy the report directory (report.md + figures) here, e.g. docs/report.")
 def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
-    """Reproduce the paper's findings on one model, as a generated report.
+    """Reproduce the paper's findings on a model (and a family of models), as a generated report.
 
     \b
-    Trains a star-shaped grid around a base config (R=4, k=16 by default):
-      every R at the base k, every k at the base R, the base config with the
-      tuned lens, and a single-layer SAE per layer at the base config,
-    then writes <out>/report/<model>/report.md with its figures.
+    Trains a star-shaped grid around a base config (R=4, k=16 by default) on the
+    FIRST model: every R at the base k, every k at the base R, the base config
+    with the tuned lens, a single-layer SAE per layer at the base config, and
+    the R dose-response (--dose-R at --dose-k); every other --model gets the
+    base-config MLSAE only, with the same budget (the cross-model section).
+    Then writes <out>/report/<first model>/report.md with its figures.
     \b
     Examples:
-      mlsae report                                   # embedded model (~35 min on 2 cores)
+      mlsae report                                   # embedded family (embedded first)
       mlsae report --copy-to docs/report             # and copy it into the docs
       mlsae report --model my-model/ -R 4 -R 16 -k 32 --base-R 16 --base-k 32
+      mlsae report --model embedded --model my-bigger-model/
 
     Every step is cached in the warehouse: after a crash or Ctrl-C, rerun the
     same command and it continues; a finished grid only rewrites the report.
     """
-    from mlsae.plan import check_report_plan, report_request
+    from mlsae.plan import check_report_plans, report_models, report_request
 
+    models = report_models(list(fields.pop("model") or []))
     parts = split_options(fields)
     request = build_request(preset, parts)
     request = fail_fast(report_request, preset, **request.given())
-    plan = fail_fast(check_report_plan, request, out)
+    plans = fail_fast(check_report_plans, request, models, out)
     if dry_run:
-        print_plan([plan], as_json)
+        print_plan(plans, as_json)
         return
     from flows.cmd_run import print_start
     from flows.report import report
 
-    print_start(plan)
+    for plan in plans:
+        print_start(plan)
     start = time.perf_counter()
-    result = call_flow(report, preset=preset, **request.given(), out=out, refresh=refresh)
+    result = call_flow(report, preset=preset, **request.given(), models=models, out=out,
+                       refresh=refresh)
     click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")
     click.echo(f"Report: {result['report']}")
     if copy_to is not None:

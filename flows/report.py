@@ -1,13 +1,16 @@
-"""The report flow: reproduce the paper's findings on one model as a generated report.
+"""The report flow: reproduce the paper's findings on a model (and across a family of
+models) as a generated report.
 
-    validate the grid (no compute) -> the pipeline's task graph over the grid ->
-    write-report (Markdown + PNG into <warehouse>/report/<model>/, a Prefect artifact)
+    validate every model's grid (no compute) -> the pipeline's task graph per model ->
+    write-report (Markdown + PNG into <warehouse>/report/<first model>/, a Prefect artifact)
 
 The grid is a "star" around one base config (R0, k0): the MLSAE at every R in
 `expansion_factors` with k0, at every k in `ks` with R0, the base config in the
 tuned-lens basis, and single-layer SAEs for every layer at the base config. One
 axis moves at a time, so each comparison in the report changes one thing, and
-the grid costs len(R) + len(k) + 1 MLSAEs instead of a full product.
+the grid costs len(R) + len(k) + 1 MLSAEs instead of a full product. Every other
+model of `models` gets only the base-config MLSAE with the same budget: the report's
+cross-model section compares the models at one config.
 
 Every step is a cached pipeline task (inputs + task source + mlsae version,
 results in the warehouse), and the library steps resume from their
@@ -24,7 +27,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import bind_tasks, resolve_out, submit_model
-from mlsae.plan import Budget, Grid, Target, check_report_plan, report_request
+from mlsae.plan import Budget, Grid, Target, check_report_plans, report_models, report_request
 from mlsae.warehouse import init_warehouse
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.report import ReportManifest, write_report
@@ -48,8 +51,10 @@ def report(
     budget: Budget | None = None,
     out: str | None = None,
     refresh: bool = False,
+    models: list[str] | None = None,
 ) -> ReportResult:
-    """Train the report's grid on one model and write the report of the paper's findings.
+    """Train the report's grid on the first model, the base config on every other, and write
+    the report of the paper's findings.
 
     Args:
         preset: the budget and star grid unset fields take (default "report": R in
@@ -62,25 +67,45 @@ def report(
         out: the warehouse (default $MLSAE_HOME, else ./mlsae-data); the report goes to
             <out>/report/<model>/report.md.
         refresh: ignore cached task results (finished warehouse outputs are still reused).
+        models: the report's models, the first with the star grid (default: target.model if
+            given, else mlsae.plan.REPORT_MODELS, the embedded family).
     """
-    from flows.options import command_line
-
     start = time.time()
     out_dir = resolve_out(out)
+    models = report_models(models, target)
     request = report_request(preset, target, grid, budget)
-    plan = check_report_plan(request, str(out_dir))
+    plans = check_report_plans(request, models, str(out_dir))
     init_warehouse(out_dir)
     ensure_gpu_limit()
-    run_logger().info("report grid: %d autoencoders on %s, %d training tokens per layer",
-                      len(plan["specs"]), plan["model"]["name"], plan["train_tokens"])
+    for plan in plans:
+        run_logger().info("report: %d autoencoders on %s, %d training tokens per layer",
+                          len(plan["specs"]), plan["model"]["name"], plan["train_tokens"])
     steps = bind_tasks(out_dir, refresh)
-    figures, analyses = submit_model(plan, out_dir, steps)
+    submitted = [submit_model(plan, out_dir, steps) for plan in plans]
+    (figures, analyses), family = submitted[0], submitted[1:]
     base = (request.grid.base_expansion_factor, request.grid.base_k)
     manifest: ReportManifest = write_report.submit(
-        plan=plan, base=base, figures=figures, analyses=list(analyses.values()),
-        command=command_line("report", request, out), started_at=start, out=str(out_dir),
+        plan=plans[0], base=base, figures=figures, analyses=list(analyses.values()),
+        family=plans[1:], family_figures=[f for f, _ in family],
+        family_analyses=[a for _, done in family for a in done.values()],
+        command=report_command(request, models, out), started_at=start, out=str(out_dir),
         out_arg=out).result()
     return ReportResult(out=str(out_dir), report=manifest["report"],
                         report_dir=manifest["report_dir"],
-                        sae_ids=[s["sae_id"] for s in plan["specs"]],
+                        sae_ids=[s["sae_id"] for plan in plans for s in plan["specs"]],
                         seconds=round(time.time() - start, 1))
+
+
+def report_command(request, models: list[str], out: str | None) -> str:
+    """The `mlsae report ...` line that reproduces this report: every model (none when they
+    are the default family), then the request's given options."""
+    from flows.options import command_line
+    from mlsae.plan import REPORT_MODELS, RunRequest
+
+    given = request.given()
+    model_given = given["target"].pop("model", None) is not None
+    line = command_line("report", RunRequest(preset=request.preset, **given), out)
+    if model_given or list(models) != list(REPORT_MODELS):
+        prefix = "mlsae report"
+        line = prefix + "".join(f" --model {m}" for m in models) + line[len(prefix):]
+    return line

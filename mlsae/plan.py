@@ -19,6 +19,7 @@ data, so a bad request fails in seconds. The library never imports Prefect.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -854,6 +855,60 @@ def check_report_plan(request: RunRequest, out: str | None = None) -> Plan:
         raise InvalidRequest(f"model {plan['model']['name']!r}: a multi-layer report needs "
                                 "at least two blocks")
     return plan
+
+
+REPORT_MODELS = ("embedded", "embedded-4x128", "embedded-8x288")
+"""The report's models when none is given: the first gets the star grid, every other one the
+base-config MLSAE (the model family of the cross-model section; mlsae/embedded/family)."""
+
+
+def report_models(models: list[str] | tuple[str, ...] | None, target: Target | dict | None = None
+                  ) -> list[str]:
+    """The report's models: `models` (--model, repeated) if given, else target.model, else
+    REPORT_MODELS; each once, in order."""
+    if not models:
+        given = target.get("model") if isinstance(target, dict) else getattr(target, "model", None)
+        models = [given] if given else list(REPORT_MODELS)
+    return list(dict.fromkeys(models))
+
+
+def _with_model(request: RunRequest, model: str) -> RunRequest:
+    """A copy of a resolved request on another model (no preset is applied again)."""
+    other = copy.copy(request)
+    other.target = dataclasses.replace(request.target, model=model)
+    other.explicit = {**request.explicit,
+                      "target": sorted({*request.explicit.get("target", []), "model"})}
+    return other
+
+
+def family_request(request: RunRequest, model: str) -> RunRequest:
+    """Another model's request in a multi-model report: the same budget, and only the MLSAE
+    at the star's base config (no other R or k, no lens, no baselines, no dose-response)."""
+    family = _with_model(request, model)
+    family.grid = dataclasses.replace(
+        request.grid, expansion_factors=[request.grid.base_expansion_factor],
+        ks=[request.grid.base_k], lens="off", baselines=False, layers=None,
+        dose_expansion_factors=None, dose_k=None)
+    return family
+
+
+def check_report_plans(request: RunRequest, models: list[str], out: str | None = None
+                       ) -> list[Plan]:
+    """One plan per model of the report: the star grid on models[0], the base-config MLSAE on
+    every other; InvalidRequest listing every problem of every model before any compute."""
+    plans: list[Plan] = []
+    problems: list[str] = []
+    if not models:
+        raise InvalidRequest("give at least one model (--model)")
+    for i, model in enumerate(models):
+        try:
+            plans.append(check_report_plan(_with_model(request, model) if i == 0
+                                           else family_request(request, model), out))
+        except InvalidRequest as err:
+            problems.append(f"{model}: {err}" if len(models) > 1 else str(err))
+    if problems:
+        raise InvalidRequest("\n".join(problems))
+    return plans
 
 
 def plan_sweep(models: list[str], preset: str = "sweep", target: Target | dict | None = None,

@@ -1,5 +1,5 @@
-"""Prefect task: write the generated report of a report flow's grid (mlsae.report) and
-link it as a Markdown artifact."""
+"""Prefect task: write the generated report of a report flow's grid and model family
+(mlsae.report) and link it as a Markdown artifact."""
 
 from __future__ import annotations
 
@@ -31,22 +31,37 @@ def report_dir_for(out: str | Path, model_slug: str) -> Path:
     return warehouse.report_dir(out, model_slug)
 
 
+def _model_inputs(plan: Plan, out: str) -> dict:
+    """Where a model's residual sample comes from (its cache, else a stream) and its size."""
+    from mlsae.plan import extract_config, run_settings
+    from mlsae.report import count_parameters
+
+    settings = run_settings(plan)
+    cached = plan["training_source"] == "cache"
+    return dict(cache_dir=str(cache_dir_for(out, extract_config(settings))) if cached else None,
+                extract=None if cached else extract_config(settings, tokens=4096),
+                n_params=count_parameters(plan["model"]["source"]))
+
+
 @task(name="write-report", cache_policy=NO_CACHE)
 def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
                  analyses: list[AnalysisManifest], command: str, started_at: float,
-                 out: str, out_arg: str | None = None) -> ReportManifest:
+                 out: str, out_arg: str | None = None, family: list[Plan] | None = None,
+                 family_figures: list[FiguresManifest] | None = None,
+                 family_analyses: list[AnalysisManifest] | None = None) -> ReportManifest:
     """Rewrite <out>/report/<model>/report.md from the warehouse (never cached: it is cheap
-    and must reflect the warehouse as it is now)."""
-    from mlsae.report import GridEntry, ReportInputs
+    and must reflect the warehouse as it is now). `family`: the other models' plans (one
+    base-config MLSAE each); their figures and analyses are awaited, not read."""
+    from mlsae.report import GridEntry, ModelEntry, ReportInputs
     from mlsae.report import write_report as build
 
     model = plan["model"]
     base_id = next(s["sae_id"] for s in plan["specs"] if s["role"] == "mlsae" and not s["lens"]
                    and (s["expansion_factor"], s["k"]) == tuple(base))
-    from mlsae.plan import extract_config, run_settings
-
-    cache = (cache_dir_for(out, extract_config(run_settings(plan)))
-             if plan["training_source"] == "cache" else None)
+    others = [ModelEntry(name=p["model"]["name"], n_layers=len(p["layers"]),
+                         d_model=p["model"]["d_model"],
+                         base_id=next(s["sae_id"] for s in p["specs"] if s["role"] == "mlsae"),
+                         **_model_inputs(p, out)) for p in family or []]
     inputs = ReportInputs(
         warehouse=Path(out), model=model["name"], data=plan["data"],
         n_layers=len(plan["layers"]), d_model=model["d_model"],
@@ -56,9 +71,9 @@ def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
         base_id=base_id, train_tokens=plan["train_tokens"], eval_tokens=plan["eval_tokens"],
         seq_len=plan["seq_len"], lr=plan["lr"],
         batch_tokens=min(plan["batch_tokens"], plan["train_tokens"]), command=command,
-        warehouse_arg=out_arg,
-        pipeline_figures=list(figures["figures"]), cache_dir=str(cache) if cache else None, started_at=started_at,
-        device=plan["device"])
+        warehouse_arg=out_arg, pipeline_figures=list(figures["figures"]),
+        family=others, dose_k=plan["request"]["grid"].get("dose_k"), started_at=started_at,
+        device=plan["device"], **_model_inputs(plan, out))
     target = report_dir_for(out, model["slug"])
     start = time.perf_counter()
     result = build(inputs, target)

@@ -141,3 +141,241 @@ def test_report_compares_the_paper_only_with_the_reference_statistic(tmp_path):
     outside = text[:text.index("### Like for like")] + text[text.index("## 4."):]
     outside = outside.replace(finding, "")
     assert not re.search(r"~ ?100\b|about 100\b|two orders of magnitude above", outside)
+
+
+# -- verdicts: pure functions of the facts, each flipped by the facts it reads ---------------
+
+
+def _inputs(tmp_path, lens: bool = False):
+    from mlsae.report import GridEntry, ReportInputs
+
+    grid = [GridEntry("base", "mlsae", 4, 16, False, [0, 1, 2], str(tmp_path / "base")),
+            GridEntry("single", "baseline", 4, 16, False, [1], str(tmp_path / "single"))]
+    if lens:
+        grid.append(GridEntry("lens", "mlsae", 4, 16, True, [0, 1, 2], str(tmp_path / "lens")))
+    return ReportInputs(warehouse=tmp_path, model="m", data="d", n_layers=3, d_model=8,
+                        grid=grid, base_id="base", train_tokens=1, eval_tokens=1, seq_len=8,
+                        lr=1e-3, batch_tokens=1, command="mlsae report")
+
+
+def _training(change: float | None):
+    from mlsae.report import TrainingFacts
+
+    return TrainingFacts(steps=100, tokens=1, seconds=1.0, final_fvu=0.1, fvu_change=change,
+                         final_dead=0.0, data_exhausted=False, history=[])
+
+
+def test_settled_verdict_follows_the_fvu_change(tmp_path):
+    from mlsae.report import facts, verdicts
+
+    inputs = _inputs(tmp_path)
+
+    def judge(base: float | None, single: float | None):
+        grid = facts.GridFacts(training={"base": _training(base), "single": _training(single)},
+                               runs=[], cpu_count=2, machine="x")
+        return verdicts.settled(grid, inputs)
+
+    assert judge(0.01, -0.02).settled is True
+    assert judge(0.01, -0.2).settled is False  # a baseline still falling
+    assert judge(verdicts.SETTLED_MAX_CHANGE + 0.01, 0.0).settled is False
+    assert judge(0.01, None).settled is None  # a run too short to judge
+
+
+def test_finding_verdicts_flip_with_their_facts(tmp_path):
+    from mlsae.report import facts, verdicts
+
+    inputs = _inputs(tmp_path, lens=True)
+
+    def activity(share: float, std_base: float = 1.0, std_lens: float = 1.0):
+        return facts.ActivityFacts("", "", "", {
+            "base": {"single_layer_share": share, "latent_one_layer": 0.1,
+                     "mean_layer_std": std_base},
+            "lens": {"single_layer_share": share, "mean_layer_std": std_lens}},
+            [], np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3)))
+
+    # 1: most token-latent pairs at one layer, or not
+    assert verdicts.one_layer(activity(0.6), inputs).holds
+    assert not verdicts.one_layer(activity(0.4), inputs).holds
+    # 4: the lens raises the layer std by more than 10%, or not
+    assert verdicts.lens(activity(0.5, 1.0, 1.2), inputs).increases
+    assert not verdicts.lens(activity(0.5, 1.0, 1.05), inputs).increases
+    assert verdicts.lens(activity(0.5), _inputs(tmp_path)) is None  # no lens in the grid
+
+    # 5: MLSAE FVU within 1.5x of the single-layer SAEs', or not
+    def metrics(fvu: float, fvu_sae: float):
+        return verdicts.metrics(facts.MetricsFacts("", [], "", {
+            "fvu": fvu, "fvu_sae": fvu_sae, "delta_ce": 0.1, "delta_ce_sae": 0.1}, "", {}))
+
+    assert metrics(0.2, 0.15).comparable and not metrics(0.5, 0.15).comparable
+
+    # 2: the reference A/B of the paper's order, or below it
+    Point = facts.CalibrationFacts  # noqa: N806 - a NamedTuple class
+    from mlsae.calibration import CalibrationPoint
+
+    fields = CalibrationPoint._fields
+    points = [CalibrationPoint(**{f: None for f in fields} | {
+        "single_layer_share": s, "ref_ratio": r}) for s, r in [(0.5, 10.0), (0.9, 1000.0)]]
+    calibration = Point(None, (), {"family": points}, {})
+
+    def variance(ref: float):
+        like = facts.LikeForLikeFacts("", {"base": {"ref_ratio": ref, "ratio_mass": 1.2,
+                                                    "ratio_count": 1.5,
+                                                    "single_layer_share": 0.4}}, 2048, 4096, 8)
+        return verdicts.variance(like, calibration)
+
+    assert variance(50.0).near_paper and not variance(10.0).near_paper
+    # log-linear between (0.5, 10) and (0.9, 1000): 100 is half-way
+    assert variance(10.0).crossings["family"] == pytest.approx(0.7)
+
+
+def _family(sizes, cos_means, single_shares, same_params: bool = False):
+    from mlsae import statistics
+    from mlsae.report import ModelEntry, facts
+
+    models = [ModelEntry(f"m{i}", 4, 8, f"base{i}", n_params=size)
+              for i, size in enumerate(sizes)]
+    similarity = {m.name: statistics.ResidualSimilarity(np.full(3, c), np.ones(4))
+                  for m, c in zip(models, cos_means, strict=True)}
+    rows = {m.base_id: {"single_layer_share": s} for m, s in zip(models, single_shares,
+                                                                  strict=True)}
+    return facts.FamilyFacts(models, similarity, "", rows)
+
+
+def test_finding_3_verdict_flips_with_the_model_family():
+    from mlsae.report import verdicts
+
+    one = verdicts.family(_family([10], [0.9], [0.5]))
+    assert not one.testable and one.status == "not testable"
+    same_size = verdicts.family(_family([10, 10], [0.5, 0.9], [0.5, 0.3]))
+    assert not same_size.testable
+    grows = verdicts.family(_family([30, 10, 20], [0.9, 0.5, 0.7], [0.2, 0.6, 0.4]))
+    assert grows.testable and grows.status == "reproduced" and grows.size_axis == "parameters"
+    assert grows.similarity.correlation == pytest.approx(1.0)
+    partly = verdicts.family(_family([10, 20, 30], [0.5, 0.7, 0.9], [0.2, 0.4, 0.6]))
+    assert partly.status == "partly reproduced" and not partly.activity.grows
+    shrinks = verdicts.family(_family([10, 20, 30], [0.9, 0.7, 0.5], [0.2, 0.4, 0.6]))
+    assert shrinks.status == "not reproduced"
+    # growth smaller than TREND_MIN_CHANGE is not growth
+    tiny = verdicts.family(_family([10, 20], [0.5, 0.5 + verdicts.TREND_MIN_CHANGE / 2],
+                                   [0.6, 0.2]))
+    assert tiny.status == "partly reproduced" and not tiny.similarity.grows
+
+
+def test_dose_verdict_reads_the_trend_in_r():
+    from mlsae.report import facts, verdicts
+
+    def dose(shares, refs):
+        rows = [{"expansion_factor": r, "single_layer_share": s, "ref_ratio": x}
+                for r, s, x in zip([4, 16, 64], shares, refs, strict=True)]
+        return verdicts.dose(facts.DoseFacts(32, "", rows))
+
+    rising = dose([0.3, 0.4, 0.5], [10, 20, 40])
+    assert rising.single_layer.grows and rising.ref_ratio.grows
+    falling = dose([0.5, 0.4, 0.3], [40, 20, 10])
+    assert not falling.single_layer.grows and falling.single_layer.correlation == pytest.approx(-1.0)
+    assert verdicts.dose(facts.DoseFacts(32, "", [{"expansion_factor": 4,
+                                                   "single_layer_share": 0.3}])) is None
+
+
+# -- the whole report over several models ------------------------------------------------------
+
+
+def test_report_with_a_model_family_writes_every_section(tmp_path):
+    """write_report on a warehouse of synthetic latent tables (a grid of three MLSAEs, two of
+    them at k 4 for the dose-response, one single-layer SAE, and a second model's base
+    MLSAE), with two tiny models made here whose residual samples are streamed: every
+    section, the cross-model figures, the family table equal to the views, and finding 3
+    written from the verdict on those facts."""
+    from mlsae import warehouse as wh
+    from mlsae.calibration import SpillTables, write_spill_tables
+    from mlsae.data import DataConfig
+    from mlsae.extract import ExtractConfig
+    from mlsae.latents import SaeRecord, write_layer_metrics, write_sae_record
+    from mlsae.report import (
+        GridEntry,
+        ModelEntry,
+        ReportInputs,
+        count_parameters,
+        verdicts,
+        write_report,
+    )
+    from mlsae.report import facts as report_facts
+    from tests.test_flows_support import save_tiny_model
+
+    small = save_tiny_model(tmp_path / "small", n_layers=3, d_model=16)
+    large = save_tiny_model(tmp_path / "large", n_layers=3, d_model=32)
+
+    def sample(model_dir):
+        return ExtractConfig(model=str(model_dir), layers=[0, 1, 2], device="cpu",
+                             data=DataConfig(source="embedded", split="train", seq_len=32,
+                                             max_sequences=8))
+
+    out = tmp_path / "wh"
+    grid = []
+    for sae_id, spill, r, k in [("a-R4-k4", 0.6, 4, 4), ("a-R8-k4", 0.3, 8, 4),
+                                ("a-R4-k2", 0.2, 4, 2), ("b-R4-k4", 0.1, 4, 4)]:
+        write_spill_tables(out, sae_id, SpillTables(n_layers=3, n_latents=8 * r,
+                                                    latents_per_token=k, n_sequences=20,
+                                                    seq_len=64, spill=spill))
+        # the saes row as the pipeline writes it (the synthetic writer says R 1)
+        write_sae_record(out, SaeRecord(sae_id=sae_id, model=sae_id[0], d_model=8,
+                                        n_latents=8 * r, expansion_factor=r, k=k,
+                                        layers=[0, 1, 2]), overwrite=True)
+        write_layer_metrics(out, sae_id, [{"layer": i, "fvu": 0.1 * r / 4, "delta_ce": 0.05,
+                                           "kl": 0.04, "dead_fraction": 0.01 * r}
+                                          for i in range(3)])
+        if sae_id.startswith("a-"):
+            grid.append(GridEntry(sae_id, "mlsae", r, k, False, [0, 1, 2], str(tmp_path / sae_id)))
+    write_sae_record(out, SaeRecord(sae_id="single-1", model="synthetic", d_model=8,
+                                    n_latents=32, expansion_factor=4, k=4, layers=[1]))
+    write_layer_metrics(out, "single-1", [{"layer": 1, "fvu": 0.08, "delta_ce": 0.04,
+                                           "kl": 0.03, "dead_fraction": 0.0}])
+    grid.append(GridEntry("single-1", "baseline", 4, 4, False, [1], str(tmp_path / "single-1")))
+    family = [ModelEntry(str(large), 3, 32, "b-R4-k4", n_params=count_parameters(large),
+                         extract=sample(large))]
+    inputs = ReportInputs(warehouse=out, model=str(small), data="synthetic", n_layers=3,
+                          d_model=16, grid=grid, base_id="a-R4-k4", train_tokens=1000,
+                          eval_tokens=1280, seq_len=64, lr=1e-3, batch_tokens=256,
+                          command="mlsae report", calibration_tokens=256, dose_k=4,
+                          extract=sample(small), n_params=count_parameters(small),
+                          family=family)
+    text = write_report(inputs, tmp_path / "report").report.read_text()
+
+    for heading in [f"\n## {n}. " for n in range(8)] + [
+            "### Like for like with the paper", "### Calibration with known answers",
+            "### R dose-response at k 4", "\n## Reproduce"]:
+        assert heading in text, heading
+    figure_dir = tmp_path / "report" / "figures"
+    for name in ("fig1_models.png", "activity_vs_model_size.png", "dose_response_k4.png",
+                 "calibration.png"):
+        assert (figure_dir / name).stat().st_size > 10_000, name
+    assert count_parameters(large) > count_parameters(small) > 0
+
+    con = wh.connect(out)
+    ratios = {r["sae_id"]: r for r in wh.query_dicts(con, "SELECT * FROM variance_ratios")}
+    activity = {r["sae_id"]: r for r in wh.query_dicts(con, "SELECT * FROM latent_activity")}
+    con.close()
+    across = text[text.index("## 6. Across models"):text.index("## 7.")]
+    for name, base in [(str(small), "a-R4-k4"), (str(large), "b-R4-k4")]:
+        row = next(x for x in across.splitlines() if x.startswith(f"| `{name}` |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[6] == f"{activity[base]['single_layer_share']:.3g}"
+        assert cells[9] == f"{ratios[base]['ref_ratio']:.3g}"
+    dose = text[text.index("### R dose-response at k 4"):text.index("## 5.")]
+    assert [line.split("|")[1].strip() for line in dose.splitlines()
+            if line.startswith("| ") and line[2].isdigit()] == ["4", "8"]
+
+    # Finding 3 is the verdict on these facts: testable (two sizes), its status in the text.
+    db = report_facts._Warehouse(out)
+    try:
+        first = report_facts.residual_similarity_of(inputs.models[0])
+        found = report_facts.family_facts(db, inputs, first)
+    finally:
+        db.close()
+    verdict = verdicts.family(found)
+    assert verdict.testable and verdict.size_axis == "parameters"
+    # the larger model's base MLSAE spills less (0.1 vs 0.6): multi-layer activity falls
+    assert verdict.activity.correlation == pytest.approx(-1.0) and not verdict.activity.grows
+    finding = text[text.index("3. **Adjacent-layer similarity"):].split("\n\n")[0]
+    assert finding.split("** ")[1].startswith(verdict.status.capitalize())
+    assert f"**{verdict.status}**" in across

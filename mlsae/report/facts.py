@@ -269,8 +269,7 @@ def residual_similarity_of(model: ModelEntry) -> statistics.ResidualSimilarity |
     elif model.extract is not None:
         from mlsae.extract import stream_activations
 
-        shards = stream_activations(replace(model.extract, max_sequences=max(
-            1, -(-RESIDUAL_SAMPLE_TOKENS // model.extract.data.seq_len))), log=lambda line: None)
+        shards = stream_activations(model.extract, log=lambda line: None)
     else:
         return None
     return statistics.residual_similarity(statistics.residual_sample(shards, RESIDUAL_SAMPLE_TOKENS))

@@ -44,7 +44,8 @@ class ModelEntry:
     cache_dir: str | None = None
     """Its training activation cache (Fig. 1's residual sample); None for a streamed run."""
     extract: Any = None
-    """mlsae.extract.ExtractConfig to stream a residual sample from when there is no cache."""
+    """mlsae.extract.ExtractConfig of a residual sample (a few thousand tokens) to stream when
+    there is no cache."""
 
     @property
     def size(self) -> int:
@@ -80,13 +81,14 @@ class ReportInputs:
     cache_dir: str | None = None
     """The first model's training activation cache (for the Fig. 1 numbers)."""
     extract: Any = None
-    """The first model's ExtractConfig to stream Fig. 1's sample from when there is no cache."""
+    """The first model's ExtractConfig of Fig. 1's sample, streamed when there is no cache."""
     n_params: int | None = None
     """The first model's parameter count (None: unknown)."""
     family: list[ModelEntry] = field(default_factory=list)
     """The other models (base-config MLSAE each) for the cross-model section."""
     dose_k: int | None = 32
-    """k of the R dose-response section (the grid's MLSAEs at this k, every R found)."""
+    """k of the R dose-response section (the grid's MLSAEs at this k, every R found); None:
+    no dose-response."""
     started_at: float | None = None
     """Unix time this report run started (for the runtime ledger)."""
     device: str = "cpu"

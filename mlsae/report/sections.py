@@ -389,6 +389,10 @@ def _direction(t: Trend) -> str:
 
 def dose_response(page: Page, facts: ReportFacts, v: Verdicts) -> None:
     inp, d = facts.inputs, facts.dose
+    if d.k is None:
+        page.add("### R dose-response", "", "(No R dose-response in this grid: give --dose-R "
+                 "and --dose-k.)", "")
+        return
     page.add(f"### R dose-response at k {d.k}", "",
              f"Every MLSAE of the grid at k = {d.k} (no lens), by expansion factor R: the paper's "
              f"figures use R 64 at k 32 (k/n about 0.1%), so this says how the measures move "
