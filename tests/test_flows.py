@@ -216,9 +216,11 @@ def test_pipeline_in_the_tuned_lens_basis(prefect_api, tmp_path):
 
 
 def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api, tmp_path):
-    """`mlsae report`'s flow on a 3-block model: a star grid (R x k, the lens, single-layer
-    SAEs), report.md with every section, figure links that resolve, numbers equal to the
-    views; a second run trains nothing and only rewrites the report."""
+    """`mlsae report`'s flow on two tiny models: a star grid on the 3-block one (R x k, the
+    lens, single-layer SAEs, the dose-response line at k 4), the base-config MLSAE on a
+    2-block one; report.md with every section (the cross-model one with its figures),
+    figure links that resolve, numbers equal to the views; a second run trains nothing and
+    only rewrites the report."""
     import re
 
     from flows.report import report
@@ -231,27 +233,35 @@ def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api
     train_lens_for_model(load_model(str(tiny), device="cpu"),
                          trained_lens_dir(str(tiny), out / "lenses"),
                          LensTrainConfig(steps=3, batch_size=2, seq_len=64))
+    other = save_tiny_model(tmp_path / "other", n_layers=2, d_model=48)
     flat = dict(model=str(tiny), expansion_factors=[1, 2], ks=[2, 4], base_expansion_factor=2,
-                base_k=4, train_tokens=2048, eval_tokens=512, seq_len=64)
+                base_k=4, dose_expansion_factors=[1], dose_k=4, train_tokens=2048,
+                eval_tokens=512, seq_len=64)
     params = {**request(**flat), "preset": "report", "out": str(out)}
-    result = report(**params)
+    result = report(**params, models=[str(tiny), str(other)])
     ids = result["sae_ids"]
-    # R in {1, 2} at k=4, k=2 at R=2, the base with the lens, 3 single-layer SAEs.
-    assert len(ids) == 3 + 1 + 3 and sum("-lens-" in i for i in ids) == 1
+    # R in {1, 2} at k=4 (the dose line: R 1 is on the star), k=2 at R=2, the base with the
+    # lens, 3 single-layer SAEs; the other model's base MLSAE.
+    assert len(ids) == 3 + 1 + 3 + 1 and sum("-lens-" in i for i in ids) == 1
     assert sum(re.search(r"-L\d-", i) is not None for i in ids) == 3
+    assert sum(i.startswith("other-R2-k4-all-") for i in ids) == 1
     text = Path(result["report"]).read_text()
-    for n in range(7):
+    for n in range(8):
         assert f"\n## {n}. " in text, n
+    assert "### R dose-response at k 4" in text and "Not testable" not in text
     links = re.findall(r"\]\((figures/[^)]+)\)", text)
-    assert len(links) >= 10
+    assert len(links) >= 10 and {"figures/fig1_models.png",
+                                 "figures/activity_vs_model_size.png"} <= set(links)
     assert all((Path(result["report_dir"]) / link).stat().st_size > 1000 for link in links)
+    across = text[text.index("## 6. Across models"):text.index("## 7.")]
+    assert f"| `{other}` |" in across and f"| `{tiny}` |" in across
     base = next(i for i in ids if i.startswith("tiny-R2-k4-all-") and "-lens-" not in i)
     ((ratio,),) = table_rows(out, f"SELECT ratio_token FROM variance_summary WHERE sae_id = '{base}'")
     assert "| MLSAE R2 k4 | 64 | " in text and f" | {ratio:.3g} | " in text
-    assert "mlsae report --model" in text and "--out" in text
+    assert f"mlsae report --model {tiny} --model {other}" in text and "--out" in text
 
     trained = snapshot(out / "autoencoders")
-    again = report(**params)
+    again = report(**params, models=[str(tiny), str(other)])
     assert snapshot(out / "autoencoders") == trained  # nothing retrained
     ledger = json.loads((Path(again["report_dir"]) / "runs.json").read_text())
     assert len(ledger) == 2
