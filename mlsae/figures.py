@@ -314,7 +314,8 @@ def plot_calibration(curves: dict[str, tuple[Sequence[float], dict[str, Sequence
 def plot_against_size(xlabel: str, points: dict[str, Sequence[float]],
                       measures: dict[str, Sequence[float | None]],
                       ratios: dict[str, Sequence[float | None]], path: str | os.PathLike,
-                      title: str = "", paper_ratio: float | None = None) -> Path:
+                      title: str = "", paper_ratio: float | None = None,
+                      measures_label: str = "share / similarity") -> Path:
     """Two panels against one size axis (model size, or R of a dose-response): `measures`
     (shares, similarities; linear, left) and `ratios` (log, right; a dotted line at
     `paper_ratio`). `points` maps each x label (a model name, "R") to its x values, in
@@ -343,7 +344,7 @@ def plot_against_size(xlabel: str, points: dict[str, Sequence[float]],
         ax_r.axhline(paper_ratio, color="grey", ls=":", lw=1)
         ax_r.text(xs.min(), paper_ratio * 1.08, f"paper: ~{paper_ratio:g} (reference A/B only)",
                   fontsize="x-small", color="grey")
-    ax_m.set(xlabel=xlabel, ylabel="share / similarity", title="Measures")
+    ax_m.set(xlabel=xlabel, ylabel=measures_label, title="Measures")
     ax_r.set(xlabel=xlabel, ylabel="aggregated / per-token layer variance", yscale="log",
              title="Variance ratios")
     for ax in (ax_m, ax_r):

@@ -48,6 +48,11 @@ class ModelEntry:
     there is no cache."""
 
     @property
+    def label(self) -> str:
+        """A short name for legends: the last part of a directory or hub id."""
+        return Path(self.name).name or self.name
+
+    @property
     def size(self) -> int:
         """n_layers x d_model: the size axis when parameter counts are unknown."""
         return self.n_layers * self.d_model

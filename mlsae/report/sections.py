@@ -420,11 +420,9 @@ def dose_response(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         "R (expansion factor)", {"R": [float(x) for x in rs]},
         {"token-latent pairs at 1 layer": [r["single_layer_share"] for r in d.rows],
          "dead fraction": [r["dead_fraction"] for r in d.rows], "FVU": [r["fvu"] for r in d.rows]},
-        {name: [r[key] for r in d.rows] for key, name in (
-            ("ref_ratio", "reference A/B"), ("ratio_mass", "ours: mass-weighted"),
-            ("ratio_count", "ours: count-weighted"))},
+        {name: [r[key] for r in d.rows] for key, name in figures.RATIO_LABELS.items()},
         page.path(f"dose_response_k{d.k}.png"), title=f"R dose-response at k {d.k}",
-        paper_ratio=PAPER_RATIO)
+        paper_ratio=PAPER_RATIO, measures_label="share / FVU")
     page.figure(path, f"Single-layer share, FVU, dead fraction (left) and the three ratios "
                       f"(right, log) against R at k {d.k}.")
 
@@ -487,7 +485,7 @@ def across_models(page: Page, facts: ReportFacts, v: Verdicts) -> None:
              "sample (not a warehouse view: computed from the activations, "
              "mlsae.statistics.residual_similarity). Relative layer std = layer std / L, so "
              "models of different depths compare.", "")
-    curves = {m.name: sim for m in fam.models if (sim := fam.similarity.get(m.name)) is not None}
+    curves = {m.label: sim for m in fam.models if (sim := fam.similarity.get(m.name)) is not None}
     if curves:
         path = figures.plot_residual_similarity(curves, page.path("fig1_models.png"))
         page.figure(path, "Fig. 1 across models: adjacent-layer cosine similarity (left) and "
@@ -497,14 +495,12 @@ def across_models(page: Page, facts: ReportFacts, v: Verdicts) -> None:
     axis, sizes = model_sizes(fam)
     by_model = [(fam.rows.get(m.base_id, {}), fam.similarity.get(m.name)) for m in fam.models]
     path = figures.plot_against_size(
-        axis, {m.name: [s] for m, s in zip(fam.models, sizes, strict=True)},
+        axis, {m.label: [s] for m, s in zip(fam.models, sizes, strict=True)},
         {"mean adjacent cos": [None if sim is None else float(np.mean(sim.adjacent_cos_L1))
                                for _, sim in by_model],
          "token-latent pairs at 1 layer": [r.get("single_layer_share") for r, _ in by_model],
          "mean relative layer std": [r.get("mean_relative_std") for r, _ in by_model]},
-        {name: [r.get(key) for r, _ in by_model] for key, name in (
-            ("ref_ratio", "reference A/B"), ("ratio_mass", "ours: mass-weighted"),
-            ("ratio_count", "ours: count-weighted"))},
+        {name: [r.get(key) for r, _ in by_model] for key, name in figures.RATIO_LABELS.items()},
         page.path("activity_vs_model_size.png"), title="Multi-layer activity and the ratios "
         "against model size", paper_ratio=PAPER_RATIO)
     page.figure(path, f"Adjacent-layer similarity and multi-layer activity (left) and the three "
