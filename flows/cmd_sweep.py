@@ -17,7 +17,8 @@ from flows.session import call_flow, fail_fast
               show_default=True,
               help="thread: nothing to install; dask/ray: pip install -e '.[dask]' / '.[ray]'.")
 @click.option("--max-workers", type=int, default=2, show_default=True,
-              help="Tasks run at once (threads or Dask workers).")
+              help="Tasks run at once: threads, or the worker processes of the local Dask "
+                   "cluster (one thread each).")
 @click.option("--runner-address", default=None,
               help="Address of an existing Dask scheduler or Ray cluster.")
 @click.option("--gpu-slots", type=int, default=None,
@@ -31,18 +32,24 @@ def command(preset, out, refresh, dry_run, as_json, task_runner, max_workers, ru
       mlsae sweep                               # embedded model, R in {2,4} x k in {8,16}
       mlsae sweep -R 4 -R 8 -k 32 --lens both --max-workers 4
       mlsae sweep --model m1/ --model m2/ --task-runner dask --max-workers 8
+      mlsae sweep --out s3://bucket/wh --task-runner dask --runner-address tcp://sched:8786
 
     Every model is validated before anything runs; each model's activations are
     extracted once; GPU steps queue on the `mlsae-gpu` concurrency limit.
     """
+    from mlsae.paths import default_warehouse_location
     from mlsae.plan import plan_sweep
+    from mlsae.warehouse import check_writable, working_dir
 
     models = list(fields.pop("model") or ["embedded"])
     parts = split_options(fields)
     request = build_request(preset, parts)
     if max_workers < 1:
         raise click.BadParameter(f"{max_workers}: give 1 or more", param_hint="--max-workers")
-    plans = fail_fast(plan_sweep, models, preset, **request.given(), out=out)
+    where = out or default_warehouse_location()
+    fail_fast(check_writable, where)
+    # planned against the directory the runs write (a URL's local working copy)
+    plans = fail_fast(plan_sweep, models, preset, **request.given(), out=str(working_dir(where)))
     if dry_run:
         print_plan(plans, as_json)
         return

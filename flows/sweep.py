@@ -20,9 +20,16 @@ from typing import Any, TypedDict
 
 from prefect import flow
 
-from flows.pipeline import PipelineResult, bind_tasks, resolve_out, result_of, submit_model
+from flows.pipeline import (
+    PipelineResult,
+    bind_tasks,
+    resolve_warehouse,
+    result_of,
+    submit_model,
+)
 from mlsae.plan import Budget, Grid, Plan, Target, plan_sweep, stable_plan
-from mlsae.warehouse import init_warehouse
+from mlsae.warehouse import is_url, working_dir
+from mlsae.warehouse.workspace import prepare_warehouse
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.validate import InvalidParameters
 
@@ -49,7 +56,9 @@ def make_task_runner(kind: str, max_workers: int, address: str | None = None):
                                     "pip install -e '.[dask]'") from err
         if address:
             return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": max_workers, "threads_per_worker": 1,
+        # Worker processes of one thread each: a task's torch threads and the GIL are its own.
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": max_workers, "threads_per_worker": 1,
                                               "processes": True})
     if kind == "ray":
         try:
@@ -64,10 +73,10 @@ def make_task_runner(kind: str, max_workers: int, address: str | None = None):
 @flow(name="mlsae-sweep-grid")
 def run_grid(plans: list[dict[str, Any]], out: str, refresh: bool = False) -> SweepResult:
     """Submit every model's task graph at once; the task runner decides what runs together."""
-    out_dir = Path(out)
-    steps = bind_tasks(out_dir, refresh)
-    submitted = [(plan, *submit_model(plan, out_dir, steps)) for plan in plans]
-    runs = [result_of(plan, out_dir, figures, analyses) for plan, figures, analyses in submitted]
+    where = out if is_url(out) else Path(out)
+    steps = bind_tasks(where, refresh)
+    submitted = [(plan, *submit_model(plan, where, steps)) for plan in plans]
+    runs = [result_of(plan, where, figures, analyses) for plan, figures, analyses in submitted]
     sweep_figures = steps["draw-sweep-figures"].submit(
         analyses=[a for _, _, analyses in submitted for a in analyses.values()],
         plans=[stable_plan(plan) for plan in plans], out=out).result()
@@ -98,14 +107,15 @@ def sweep(
         max_workers: concurrent tasks (threads, or Dask workers).
         runner_address: address of an existing Dask scheduler / Ray cluster.
         gpu_slots: size of the `mlsae-gpu` limit (default: one per visible GPU).
-        out: the warehouse directory.
+        out: the warehouse: a directory or a URL such as s3://bucket/prefix (default
+            $MLSAE_HOME, else ./mlsae-data), as for the pipeline.
         refresh: ignore cached task results (finished warehouse outputs are still reused).
     """
-    out_dir = resolve_out(out)
+    out_dir = resolve_warehouse(out)
     problems: list[str] = []
     plans: list[Plan] = []
-    try:
-        plans = plan_sweep(models, preset, target, grid, budget, str(out_dir))
+    try:  # planned against the directory the runs write (for a URL: its working copy)
+        plans = plan_sweep(models, preset, target, grid, budget, str(working_dir(out_dir)))
     except InvalidParameters as err:
         problems.append(str(err))
     if max_workers < 1:
@@ -116,7 +126,7 @@ def sweep(
         problems.append(str(err))
     if problems:
         raise InvalidParameters("\n".join(problems))
-    init_warehouse(out_dir)
+    prepare_warehouse(out_dir)
     slots = ensure_gpu_limit(gpu_slots)
     n_saes = sum(len(p["specs"]) for p in plans)
     run_logger().info("sweep: %d model(s), %d autoencoders, task runner %s (%d workers)%s",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment at .venv with mlsae installed
-# in editable mode plus the dev tools and the interop extra (SAELens, sparsify: the export
-# tests load files with them). Idempotent: does nothing when .venv is up to date with
-# pyproject.toml. Used by `make run` / `make test` (and so by .ci/run).
+# in editable mode plus the dev tools, the interop extra (SAELens, sparsify: the export
+# tests load files with them), s3 (warehouses on object storage) and dask (the sweep's
+# Dask task runner, tested on a LocalCluster). Idempotent: does nothing when .venv is up
+# to date with pyproject.toml. Used by `make run` / `make test` (and so by .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,6 +64,6 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   fi
 fi
 
-"${PIP[@]}" -e ".[dev,interop,s3]"
+"${PIP[@]}" -e ".[dev,interop,s3,dask]"
 touch "$STAMP"
 echo "bootstrap: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))" >&2
