@@ -1,7 +1,8 @@
 """A warehouse copied to object storage is read by `mlsae sql` with the same sandbox:
 a real S3-compatible server (moto's, on a free loopback port) over HTTP, s3fs as the
 client, the explorer tests' warehouse (pipeline steps on the embedded model) uploaded
-as `aws s3 sync` would. Writing to object storage is not supported yet (refused)."""
+as `aws s3 sync` would (no commit objects: every file is taken). Writing a warehouse to
+the bucket: tests/test_warehouse_s3_write.py."""
 
 from __future__ import annotations
 
@@ -143,9 +144,17 @@ def test_a_bucket_prefix_that_is_not_a_warehouse_is_refused(uploaded, s3_env):
     assert result.returncode != 0 and "does not exist" in result.stderr, result.stderr
 
 
-def test_runs_still_refuse_to_write_to_the_bucket(s3_env, tmp_path):
-    result = subprocess.run([MLSAE, "run", "--out", f"s3://{BUCKET}/wh", "--dry-run"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+def test_a_dry_run_into_the_bucket_writes_nothing(s3_env, tmp_path):
+    """`mlsae run --out s3://...` is accepted (tests/test_warehouse_s3_write.py runs it); its
+    dry run plans against the local working copy and writes neither there nor in the bucket."""
+    import s3fs
+
+    scratch = tmp_path / "scratch"
+    result = subprocess.run([MLSAE, "run", "--out", f"s3://{BUCKET}/dry", "--dry-run",
+                             "--scratch", str(scratch), "-R", "2", "-k", "4", "--layers", "1,3",
+                             "--no-baselines", "--train-tokens", "2048", "--eval-tokens", "512"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **s3_env})
-    assert result.returncode != 0 and "is a URL" in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not scratch.exists() and not (tmp_path / "s3:").exists()
+    assert not s3fs.S3FileSystem().exists(f"{BUCKET}/dry")

@@ -5,7 +5,8 @@ with a conditional put (`If-None-Match: *`: only one of two racing writers creat
 it), renewed by its holder with `If-Match: <its ETag>` every third of its time to live,
 and taken over once expired with `If-Match: <the expired one's ETag>` (again only one
 of several waiters wins). A holder killed without releasing blocks others for at most
-the time to live. S3 (since 2024), MinIO, R2 and moto's server honour both conditions;
+the time to live (a holder on the same machine that no longer runs, not even that: a
+rerun after a kill continues at once). S3 (since 2024), MinIO, R2 and moto's server honour both conditions;
 a store that ignores them would let two writers in, so expiry is the only guard there.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -72,13 +74,30 @@ def _try_take(store: Store, key: str, lease: Lease) -> bool:
         current = json.loads(store.fs.cat_file(key))
     except FileNotFoundError:  # released meanwhile: try again at once
         return False
-    if current.get("expires_at", 0) > time.time():
+    if current.get("expires_at", 0) > time.time() and not _dead_here(current.get("owner", "")):
         return False
-    try:  # expired: take it over, unless another waiter was first
+    try:  # expired (or its holder died on this machine): take it over, unless another
+        # waiter was first
         lease.etag = etag_of(store.fs.pipe_file(key, lease.body(), IfMatch=etag_of(info)))
         return True
     except OSError:
         return False
+
+
+def _dead_here(owner: str) -> bool:
+    """The holder was a process on this machine that no longer runs (killed): its lease
+    need not run out before a rerun here continues."""
+    host, _, rest = owner.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def holder(where: str | os.PathLike, name: str) -> str | None:
