@@ -5,6 +5,9 @@ Caching: a task's key is its inputs + its own source + the mlsae version, and
 its (small, JSON) result is persisted under <warehouse>/.prefect/results, so a
 second run with the same configuration into the same warehouse finds every
 finished step there and skips it. Deleting the warehouse deletes the cache too.
+For a warehouse at a URL the results are in the bucket (shared by every worker; the
+inputs name the URL, never a worker's scratch path), except the extraction's, which
+stay with the activation cache on the worker.
 The library steps are idempotent on their own as well (a complete activation
 cache, trained autoencoder or latent table is reused), which is what lets a
 run killed half-way continue where it stopped.
@@ -55,14 +58,16 @@ def result_storage(out: str | Path, on_worker: bool = False) -> Any:
     where = warehouse.scratch_results_dir(out) if on_worker else warehouse.results_dir(out)
     if isinstance(where, Path):
         return where
-    return _saved_results_block(where)
+    from prefect.settings import PREFECT_API_URL
+
+    return _saved_results_block(where, PREFECT_API_URL.value())
 
 
 @cache
-def _saved_results_block(url: str) -> Any:
-    """A RemoteFileSystem block over `url`, saved on the server (Prefect takes only saved
-    blocks as task result storage) under a name derived from the URL, the same on every
-    worker."""
+def _saved_results_block(url: str, api_url: str | None) -> Any:
+    """A RemoteFileSystem block over `url`, saved on the server at `api_url` (Prefect takes
+    only saved blocks as task result storage) under a name derived from the URL, the same
+    on every worker; saved once per process and server."""
     import hashlib
 
     from prefect.filesystems import RemoteFileSystem
