@@ -1,4 +1,5 @@
-"""`mlsae report`: train the report's grid on one model and write the generated report."""
+"""`mlsae report`: train the report's grid on the first model (the base config on every other)
+and write the generated report."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -85,46 +87,91 @@ def test_report_figures_are_written(tmp_path):
         figures.plot_variance_by_config(["x"], {"layer": [1.0, 2.0]}, tmp_path / "bad.png")
 
 
-def test_report_compares_the_paper_only_with_the_reference_statistic(tmp_path):
-    """write_report on a small warehouse (synthetic MLSAE tables from mlsae.calibration, a
-    single-layer baseline whose latents are not logged): the like-for-like table equals
-    variance_ratios, the calibration figure is drawn with the MLSAEs on it, and the
-    paper's ~100 is set against the reference A/B only."""
-    import re
+# -- the whole report over a synthetic grid and a second tiny model ----------------------------
 
-    from mlsae import warehouse as wh
+
+class Built(NamedTuple):
+    out: Path
+    """The warehouse."""
+    inputs: object
+    """The ReportInputs."""
+    report_dir: Path
+    text: str
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory) -> Built:
+    """write_report once (its calibration is most of the cost) on a warehouse of synthetic
+    latent tables (mlsae.calibration): a grid of three MLSAEs (two at k 4 for the
+    dose-response), a single-layer baseline whose latents are not logged, and a second
+    model's base MLSAE; the two models are tiny GPT-NeoX made here, their residual samples
+    streamed."""
     from mlsae.calibration import SpillTables, write_spill_tables
+    from mlsae.data import DataConfig
+    from mlsae.extract import ExtractConfig
     from mlsae.latents import SaeRecord, write_layer_metrics, write_sae_record
-    from mlsae.report import GridEntry, ReportInputs, write_report
+    from mlsae.report import GridEntry, ModelEntry, ReportInputs, count_parameters, write_report
+    from tests.test_flows_support import save_tiny_model
+
+    tmp_path = tmp_path_factory.mktemp("report")
+    small = save_tiny_model(tmp_path / "small", n_layers=3, d_model=16)
+    large = save_tiny_model(tmp_path / "large", n_layers=3, d_model=32)
+
+    def sample(model_dir):
+        return ExtractConfig(model=str(model_dir), layers=[0, 1, 2], device="cpu",
+                             data=DataConfig(source="embedded", split="train", seq_len=32,
+                                             max_sequences=8))
 
     out = tmp_path / "wh"
     grid = []
-    for sae_id, spill, k in [("mlsae-a", 0.6, 4), ("mlsae-b", 0.2, 2)]:
-        write_spill_tables(out, sae_id, SpillTables(n_layers=3, n_latents=32, latents_per_token=k,
-                                                    n_sequences=40, seq_len=64, spill=spill))
-        write_layer_metrics(out, sae_id, [{"layer": i, "fvu": 0.1, "delta_ce": 0.05, "kl": 0.04,
-                                           "dead_fraction": 0.0} for i in range(3)])
-        grid.append(GridEntry(sae_id, "mlsae", 4, k, False, [0, 1, 2], str(tmp_path / sae_id)))
+    for sae_id, spill, r, k in [("a-R4-k4", 0.6, 4, 4), ("a-R8-k4", 0.3, 8, 4),
+                                ("a-R4-k2", 0.2, 4, 2), ("b-R4-k4", 0.1, 4, 4)]:
+        write_spill_tables(out, sae_id, SpillTables(n_layers=3, n_latents=8 * r,
+                                                    latents_per_token=k, n_sequences=40,
+                                                    seq_len=64, spill=spill))
+        # the saes row as the pipeline writes it (the synthetic writer says R 1)
+        write_sae_record(out, SaeRecord(sae_id=sae_id, model=sae_id[0], d_model=8,
+                                        n_latents=8 * r, expansion_factor=r, k=k,
+                                        layers=[0, 1, 2]), overwrite=True)
+        write_layer_metrics(out, sae_id, [{"layer": i, "fvu": 0.1 * r / 4, "delta_ce": 0.05,
+                                           "kl": 0.04, "dead_fraction": 0.01 * r}
+                                          for i in range(3)])
+        if sae_id.startswith("a-"):
+            grid.append(GridEntry(sae_id, "mlsae", r, k, False, [0, 1, 2], str(tmp_path / sae_id)))
     write_sae_record(out, SaeRecord(sae_id="single-1", model="synthetic", d_model=8,
                                     n_latents=32, expansion_factor=4, k=4, layers=[1]))
-    write_layer_metrics(out, "single-1", [{"layer": 1, "fvu": 0.08, "delta_ce": 0.04, "kl": 0.03,
-                                           "dead_fraction": 0.0}])
+    write_layer_metrics(out, "single-1", [{"layer": 1, "fvu": 0.08, "delta_ce": 0.04,
+                                           "kl": 0.03, "dead_fraction": 0.0}])
     grid.append(GridEntry("single-1", "baseline", 4, 4, False, [1], str(tmp_path / "single-1")))
-    inputs = ReportInputs(warehouse=out, model="synthetic", data="synthetic", n_layers=3,
-                          d_model=8, grid=grid, base_id="mlsae-a", train_tokens=1000,
+    family = [ModelEntry(str(large), 3, 32, "b-R4-k4", n_params=count_parameters(large),
+                         extract=sample(large))]
+    inputs = ReportInputs(warehouse=out, model=str(small), data="synthetic", n_layers=3,
+                          d_model=16, grid=grid, base_id="a-R4-k4", train_tokens=1000,
                           eval_tokens=2560, seq_len=64, lr=1e-3, batch_tokens=256,
-                          command="mlsae report", calibration_tokens=256)
-    result = write_report(inputs, tmp_path / "report")
-    text = result.report.read_text()
+                          command="mlsae report", calibration_tokens=256, dose_k=4,
+                          extract=sample(small), n_params=count_parameters(small),
+                          family=family)
+    report_dir = tmp_path / "report"
+    return Built(out, inputs, report_dir, write_report(inputs, report_dir).report.read_text())
 
-    con = wh.connect(out)
+
+def test_report_compares_the_paper_only_with_the_reference_statistic(built_report):
+    """The like-for-like table equals variance_ratios, the calibration figure is drawn with
+    the MLSAEs on it, the baseline is 'not logged', and the paper's ~100 is set against
+    the reference A/B only."""
+    import re
+
+    from mlsae import warehouse as wh
+
+    text = built_report.text
+    con = wh.connect(built_report.out)
     rows = {r["sae_id"]: r for r in wh.query_dicts(con, "SELECT * FROM variance_ratios")}
     summary = {r["sae_id"]: r for r in wh.query_dicts(con, "SELECT * FROM variance_summary")}
     con.close()
     assert summary["single-1"]["n_live"] is None and summary["single-1"]["n_tokens"] == 0
-    assert set(rows) == {"mlsae-a", "mlsae-b"}
+    assert set(rows) == {"a-R4-k4", "a-R8-k4", "a-R4-k2", "b-R4-k4"}
     like = text[text.index("### Like for like with the paper"):]
-    for label, sae_id in [("MLSAE R4 k4", "mlsae-a"), ("MLSAE R4 k2", "mlsae-b")]:
+    for label, sae_id in [("MLSAE R4 k4", "a-R4-k4"), ("MLSAE R4 k2", "a-R4-k2")]:
         r = rows[sae_id]
         assert r["ref_n_batches"] == 1  # 2,560 tokens: one full 2048-token batch
         line = next(x for x in like.splitlines() if x.startswith(f"| {label} |"))
@@ -132,11 +179,12 @@ def test_report_compares_the_paper_only_with_the_reference_statistic(tmp_path):
         assert cells[1] == f"{r['ref_ratio']:.3g}" and cells[2] == "1"
         assert cells[6] == f"{r['ratio_mass']:.3g}" and cells[7] == f"{r['ratio_count']:.3g}"
     assert "### Calibration with known answers" in text
-    assert (tmp_path / "report" / "figures" / "calibration.png").stat().st_size > 10_000
+    assert (built_report.report_dir / "figures" / "calibration.png").stat().st_size > 10_000
     # Every mention of the paper's ~100 / "two orders of magnitude" sits in the like-for-like
     # subsections, the calibration, or finding 2, which quotes the reference A/B.
+    grid_ids = ("a-R4-k4", "a-R8-k4", "a-R4-k2")
     finding = text[text.index("2. **Aggregated layer variance"):].split("\n\n")[0]
-    assert f"{min(r['ref_ratio'] for r in rows.values()):.3g}" in finding
+    assert f"{min(rows[i]['ref_ratio'] for i in grid_ids):.3g}" in finding
     assert "mass-weighted ratio is" not in text and "layer/token var 100" not in text
     outside = text[:text.index("### Like for like")] + text[text.index("## 4."):]
     outside = outside.replace(finding, "")
@@ -277,75 +325,21 @@ def test_dose_verdict_reads_the_trend_in_r():
                                                    "single_layer_share": 0.3}])) is None
 
 
-# -- the whole report over several models ------------------------------------------------------
-
-
-def test_report_with_a_model_family_writes_every_section(tmp_path):
-    """write_report on a warehouse of synthetic latent tables (a grid of three MLSAEs, two of
-    them at k 4 for the dose-response, one single-layer SAE, and a second model's base
-    MLSAE), with two tiny models made here whose residual samples are streamed: every
-    section, the cross-model figures, the family table equal to the views, and finding 3
-    written from the verdict on those facts."""
+def test_report_with_a_model_family_writes_every_section(built_report):
+    """Every section, the cross-model and dose figures, the family table equal to the views,
+    and finding 3 written from the verdict on those facts."""
     from mlsae import warehouse as wh
-    from mlsae.calibration import SpillTables, write_spill_tables
-    from mlsae.data import DataConfig
-    from mlsae.extract import ExtractConfig
-    from mlsae.latents import SaeRecord, write_layer_metrics, write_sae_record
-    from mlsae.report import (
-        GridEntry,
-        ModelEntry,
-        ReportInputs,
-        count_parameters,
-        verdicts,
-        write_report,
-    )
+    from mlsae.report import count_parameters, verdicts
     from mlsae.report import facts as report_facts
-    from tests.test_flows_support import save_tiny_model
 
-    small = save_tiny_model(tmp_path / "small", n_layers=3, d_model=16)
-    large = save_tiny_model(tmp_path / "large", n_layers=3, d_model=32)
-
-    def sample(model_dir):
-        return ExtractConfig(model=str(model_dir), layers=[0, 1, 2], device="cpu",
-                             data=DataConfig(source="embedded", split="train", seq_len=32,
-                                             max_sequences=8))
-
-    out = tmp_path / "wh"
-    grid = []
-    for sae_id, spill, r, k in [("a-R4-k4", 0.6, 4, 4), ("a-R8-k4", 0.3, 8, 4),
-                                ("a-R4-k2", 0.2, 4, 2), ("b-R4-k4", 0.1, 4, 4)]:
-        write_spill_tables(out, sae_id, SpillTables(n_layers=3, n_latents=8 * r,
-                                                    latents_per_token=k, n_sequences=20,
-                                                    seq_len=64, spill=spill))
-        # the saes row as the pipeline writes it (the synthetic writer says R 1)
-        write_sae_record(out, SaeRecord(sae_id=sae_id, model=sae_id[0], d_model=8,
-                                        n_latents=8 * r, expansion_factor=r, k=k,
-                                        layers=[0, 1, 2]), overwrite=True)
-        write_layer_metrics(out, sae_id, [{"layer": i, "fvu": 0.1 * r / 4, "delta_ce": 0.05,
-                                           "kl": 0.04, "dead_fraction": 0.01 * r}
-                                          for i in range(3)])
-        if sae_id.startswith("a-"):
-            grid.append(GridEntry(sae_id, "mlsae", r, k, False, [0, 1, 2], str(tmp_path / sae_id)))
-    write_sae_record(out, SaeRecord(sae_id="single-1", model="synthetic", d_model=8,
-                                    n_latents=32, expansion_factor=4, k=4, layers=[1]))
-    write_layer_metrics(out, "single-1", [{"layer": 1, "fvu": 0.08, "delta_ce": 0.04,
-                                           "kl": 0.03, "dead_fraction": 0.0}])
-    grid.append(GridEntry("single-1", "baseline", 4, 4, False, [1], str(tmp_path / "single-1")))
-    family = [ModelEntry(str(large), 3, 32, "b-R4-k4", n_params=count_parameters(large),
-                         extract=sample(large))]
-    inputs = ReportInputs(warehouse=out, model=str(small), data="synthetic", n_layers=3,
-                          d_model=16, grid=grid, base_id="a-R4-k4", train_tokens=1000,
-                          eval_tokens=1280, seq_len=64, lr=1e-3, batch_tokens=256,
-                          command="mlsae report", calibration_tokens=256, dose_k=4,
-                          extract=sample(small), n_params=count_parameters(small),
-                          family=family)
-    text = write_report(inputs, tmp_path / "report").report.read_text()
+    out, inputs, text = built_report.out, built_report.inputs, built_report.text
+    small, large = Path(inputs.model), Path(inputs.family[0].name)
 
     for heading in [f"\n## {n}. " for n in range(8)] + [
             "### Like for like with the paper", "### Calibration with known answers",
             "### R dose-response at k 4", "\n## Reproduce"]:
         assert heading in text, heading
-    figure_dir = tmp_path / "report" / "figures"
+    figure_dir = built_report.report_dir / "figures"
     for name in ("fig1_models.png", "activity_vs_model_size.png", "dose_response_k4.png",
                  "calibration.png"):
         assert (figure_dir / name).stat().st_size > 10_000, name
@@ -360,7 +354,8 @@ def test_report_with_a_model_family_writes_every_section(tmp_path):
         row = next(x for x in across.splitlines() if x.startswith(f"| `{name}` |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[6] == f"{activity[base]['single_layer_share']:.3g}"
-        assert cells[9] == f"{ratios[base]['ref_ratio']:.3g}"
+        assert cells[8] == f"{activity[base]['mean_layer_std']:.3g}"
+        assert cells[10] == f"{ratios[base]['ref_ratio']:.3g}"
     dose = text[text.index("### R dose-response at k 4"):text.index("## 5.")]
     assert [line.split("|")[1].strip() for line in dose.splitlines()
             if line.startswith("| ") and line[2].isdigit()] == ["4", "8"]

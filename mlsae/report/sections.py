@@ -474,12 +474,13 @@ def across_models(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         rows.append([f"`{m.name}`", m.n_params, m.n_layers, m.d_model, m.size,
                      None if sim is None else float(np.mean(sim.adjacent_cos_L1)),
                      r.get("single_layer_share"), r.get("mean_token_layers"),
-                     r.get("mean_relative_std"), r.get("ref_ratio"), r.get("ratio_mass"),
-                     r.get("ratio_count")])
+                     r.get("mean_layer_std"), r.get("mean_relative_std"), r.get("ref_ratio"),
+                     r.get("ratio_mass"), r.get("ratio_count")])
     page.add(*sql_block(fam.sql, inp.warehouse_arg))
     page.add(*table(["model", "parameters", "layers", "d_model", "layers x d_model",
                      "mean adjacent cos", "token-latent pairs at 1 layer",
-                     "mean layers per pair", "mean relative layer std", "reference A/B",
+                     "mean layers per pair", "mean layer std", "mean relative layer std",
+                     "reference A/B",
                      "ours: mass-weighted", "ours: count-weighted"], rows))
     page.add("Mean adjacent cos: mean over l of Fig. 1's cos(l, l+1) on each model's residual "
              "sample (not a warehouse view: computed from the activations, "
