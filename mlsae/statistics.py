@@ -3,9 +3,9 @@
 Residual-stream similarity across layers (SPEC Fig. 1), MMCS of decoder directions,
 the pivot of long (latent, layer, mass) rows into p_j(l) (Fig. 2), and one prompt's
 latent activations (Fig. 3). The prompt's distribution over layers is computed by
-sql/prompt_heatmap.sql itself, run over the prompt's activations: the prompt is not
-in the warehouse, but the formula stays in one place. Plain numpy (+ DuckDB for the
-prompt); drawing is mlsae.figures.
+sql/prompt_heatmap.sql itself, run over the prompt's activations in memory: the prompt
+is not in the warehouse, but the formula stays in one place. Plain numpy (+ DuckDB for
+the prompt); drawing is mlsae.figures.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mlsae.paths import SQL_DIR
-
 FIG3_PROMPT = "When John and Mary went to the store, John gave"
-PROMPT_HEATMAP_SQL = SQL_DIR / "prompt_heatmap.sql"
+PROMPT_SAE_ID = "prompt"
+"""The sae_id the prompt's activations get in the in-memory tables of prompt_distribution."""
 
 
 class ResidualSimilarity(NamedTuple):
@@ -183,29 +182,20 @@ def prompt_activations(sae, loaded, text: str = FIG3_PROMPT, basis=None) -> Prom
 def prompt_distribution(acts: PromptActivations, n_layers: int,
                         threshold: float = 1e-3) -> LayerDistribution:
     """p_sj(l) pooled over the prompt's tokens, latents whose max activation < threshold
-    dropped: sql/prompt_heatmap.sql run over the prompt's activations, as if the prompt
-    were one logged sequence (an in-memory DuckDB with `latents` and `sae_layers` tables
-    of the same columns as the warehouse's)."""
-    import duckdb
-    import pyarrow as pa
+    dropped: sql/prompt_heatmap.sql run over the prompt's activations, as if the prompt were
+    one logged sequence (mlsae.warehouse.memory_connection, as the explorer does)."""
+    from mlsae import warehouse as wh
 
-    latent = np.asarray(acts.latent, dtype=np.int32)
-    layer = np.asarray(acts.layer_idx, dtype=np.int16)
-    pos = (np.zeros(latent.size, np.int32) if acts.pos is None
-           else np.asarray(acts.pos, dtype=np.int32))
-    rows = pa.table({"sae_id": pa.array(["prompt"] * latent.size, pa.string()),
-                     "seq_id": pa.array(np.zeros(latent.size, np.int64)), "pos": pos,
-                     "layer": layer, "latent": latent,
-                     "value": np.asarray(acts.value, dtype=np.float32)})
-    con = duckdb.connect()
+    pos = np.zeros(len(acts.latent), np.int16) if acts.pos is None else acts.pos
+    rows = wh.latent_rows(PROMPT_SAE_ID, np.zeros(len(acts.latent), np.int32), pos,
+                          acts.layer_idx, acts.latent, acts.value)
+    record = wh.SaeRecord(sae_id=PROMPT_SAE_ID, model="prompt", d_model=1, n_latents=1,
+                          expansion_factor=1, k=1, layers=list(range(n_layers)))
+    con = wh.memory_connection({"saes": record.to_arrow(), "latents": rows}, threads=1)
     try:
-        con.register("prompt_rows", rows)
-        con.execute("CREATE TABLE latents AS FROM prompt_rows")
-        con.execute("CREATE TABLE sae_layers AS SELECT 'prompt' AS sae_id, i::SMALLINT AS layer, "
-                    "i::SMALLINT AS layer_idx, $1 AS n_layers FROM range($1) t(i)", [n_layers])
-        con.execute(PROMPT_HEATMAP_SQL.read_text())
-        found = con.execute("SELECT latent, expected_layer, p FROM prompt_heatmap('prompt', 0, "
-                            "threshold := $1) ORDER BY rank, layer_idx", [threshold]).fetchnumpy()
+        found = con.execute(f"SELECT latent, expected_layer, p FROM prompt_heatmap("
+                            f"'{PROMPT_SAE_ID}', 0, threshold := $1) ORDER BY rank, layer_idx",
+                            [threshold]).fetchnumpy()
     finally:
         con.close()
     n_rows = found["latent"].size // max(n_layers, 1)
