@@ -149,31 +149,24 @@ class PromptActivations(NamedTuple):
 
 def prompt_activations(sae, loaded, text: str = FIG3_PROMPT, basis=None) -> PromptActivations:
     """Every positive latent activation of `sae` on the unmasked tokens of one prompt
-    (SPEC Fig. 3), computed like the latent tables: block outputs -> basis -> encode."""
+    (SPEC Fig. 3), computed as the latent tables are (mlsae.latents.encode_tokens)."""
     import torch
 
     from mlsae.data import special_token_mask
-    from mlsae.hooks import capture_residuals
+    from mlsae.latents import encode_tokens
 
     layers = list(sae.cfg.layers) if getattr(sae.cfg, "layers", None) is not None else list(
         range(sae.cfg.n_layers))
     ids_T = np.asarray(loaded.tokenizer(text)["input_ids"], dtype=np.int64)
     mask_T = np.asarray(special_token_mask(ids_T[None], loaded.tokenizer), bool)[0]
     device = next(loaded.model.parameters()).device
-    sae_param = next(sae.parameters())
-    with torch.no_grad():
-        x_BTLD = capture_residuals(loaded.model, torch.as_tensor(ids_T[None], device=device), layers)
-        x_NLD = x_BTLD[0][torch.as_tensor(mask_T, device=x_BTLD.device)]
-        n, n_layers, d = x_NLD.shape
-        x_ND = x_NLD.reshape(n * n_layers, d)
-        if basis is not None:
-            x_ND = basis.to_sae(x_ND, torch.tensor(layers, device=x_ND.device).repeat(n))
-        encoded = sae.encode(x_ND.to(sae_param.device, sae_param.dtype))
-    acts_NLK = encoded.top_acts_NK.float().reshape(n, n_layers, -1).cpu().numpy()
-    idx_NLK = encoded.top_idx_NK.reshape(n, n_layers, -1).cpu().numpy()
+    acts_NLK, idx_NLK = encode_tokens(sae, loaded.model, layers,
+                                      torch.as_tensor(ids_T[None], device=device),
+                                      torch.as_tensor(mask_T[None]), basis)
+    acts_NLK, idx_NLK = acts_NLK.cpu().numpy(), idx_NLK.cpu().numpy()
     keep = acts_NLK > 0
-    layer_NLK = np.broadcast_to(np.arange(n_layers)[None, :, None], acts_NLK.shape)
-    pos_NLK = np.broadcast_to(np.arange(n)[:, None, None], acts_NLK.shape)
+    layer_NLK = np.broadcast_to(np.arange(len(layers))[None, :, None], acts_NLK.shape)
+    pos_NLK = np.broadcast_to(np.arange(acts_NLK.shape[0])[:, None, None], acts_NLK.shape)
     tokens = [loaded.tokenizer.decode([int(i)]) for i in ids_T[mask_T]]
     return PromptActivations(tokens, layer_NLK[keep], idx_NLK[keep], acts_NLK[keep],
                              pos_NLK[keep])
