@@ -30,7 +30,8 @@ from mlsae.plan import PRESETS, parse_layers
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence.")
 @click.option("--device", default=None, help="auto, cpu, cuda, ... [default: auto]")
 @click.option("--out", default=None,
-              help="Warehouse directory (default $MLSAE_HOME, else ./mlsae-data).")
+              help="Warehouse: a directory or a URL such as s3://bucket/prefix, written through "
+                   "a working copy in $MLSAE_SCRATCH (default $MLSAE_HOME, else ./mlsae-data).")
 @click.option("--refresh", is_flag=True, help="Ignore cached step results and rerun them.")
 def command(source, model, sae_id, layers, preset, data, eval_tokens, seq_len, device, out,
             refresh) -> None:
@@ -46,15 +47,18 @@ def command(source, model, sae_id, layers, preset, data, eval_tokens, seq_len, d
       mlsae import exported/layers.3 --model embedded --sae-id my-sae-again
     """
     from flows.imported import import_flow
-    from flows.pipeline import resolve_out
+    from flows.pipeline import resolve_warehouse
     from mlsae.interop.imports import ImportRequest, describe, plan_import_run
+    from mlsae.warehouse import working_dir
 
     target = {k: v for k, v in (("data", data), ("device", device)) if v is not None}
     budget = {k: v for k, v in (("eval_tokens", eval_tokens), ("seq_len", seq_len))
               if v is not None}
     request = fail_fast(lambda: ImportRequest(source=source, model=model, sae_id=sae_id,
                                               layers=parse_layers(layers) if layers else None))
-    plan, _ = fail_fast(plan_import_run, request, preset, target, budget, resolve_out(out))
+    # planned against the directory the import writes (a URL's local working copy)
+    where = fail_fast(resolve_warehouse, out)
+    plan, _ = fail_fast(plan_import_run, request, preset, target, budget, working_dir(where))
     click.echo(describe(plan), err=True)
     for warning in plan.warnings:
         click.echo(f"Warning: {warning}", err=True)

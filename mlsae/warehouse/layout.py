@@ -88,7 +88,7 @@ def warehouse_location(where: str | os.PathLike) -> Any:
         scheme = str(where).split(":", 1)[0]
         need = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
         raise WarehouseError(
-            f"reading warehouse {str(where)!r} needs universal-pathlib and "
+            f"warehouse {str(where)!r} needs universal-pathlib and "
             f"{need.get(scheme, 'the fsspec filesystem for ' + scheme + '://')}: pip install "
             f"'mlsae[s3]' (or that package) ({err})") from err
 
