@@ -77,8 +77,9 @@ def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
     target = report_dir_for(out, model["slug"])
     start = time.perf_counter()
     result = build(inputs, target)
-    run_logger().info("report: %s (%d figures, %.1f s)", result.report, len(result.figures),
-                      time.perf_counter() - start)
+    run_logger().info("report: %s (%d figures, %.1f s); finding 3 across %d models: %s",
+                      result.report, len(result.figures), time.perf_counter() - start,
+                      len(inputs.models), result.verdicts.family.status)
     _link(result.report, model["name"])
     return ReportManifest(report=str(result.report), report_dir=str(target),
                           figures=[str(p) for p in result.figures])

@@ -97,6 +97,8 @@ class Built(NamedTuple):
     """The ReportInputs."""
     report_dir: Path
     text: str
+    output: object
+    """The ReportOutput (its facts and verdicts)."""
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +154,8 @@ def built_report(tmp_path_factory) -> Built:
                           extract=sample(small), n_params=count_parameters(small),
                           family=family)
     report_dir = tmp_path / "report"
-    return Built(out, inputs, report_dir, write_report(inputs, report_dir).report.read_text())
+    output = write_report(inputs, report_dir)
+    return Built(out, inputs, report_dir, output.report.read_text(), output)
 
 
 def test_report_compares_the_paper_only_with_the_reference_statistic(built_report):
@@ -330,7 +333,6 @@ def test_report_with_a_model_family_writes_every_section(built_report):
     and finding 3 written from the verdict on those facts."""
     from mlsae import warehouse as wh
     from mlsae.report import count_parameters, verdicts
-    from mlsae.report import facts as report_facts
 
     out, inputs, text = built_report.out, built_report.inputs, built_report.text
     small, large = Path(inputs.model), Path(inputs.family[0].name)
@@ -360,14 +362,12 @@ def test_report_with_a_model_family_writes_every_section(built_report):
     assert [line.split("|")[1].strip() for line in dose.splitlines()
             if line.startswith("| ") and line[2].isdigit()] == ["4", "8"]
 
-    # Finding 3 is the verdict on these facts: testable (two sizes), its status in the text.
-    db = report_facts._Warehouse(out)
-    try:
-        first = report_facts.residual_similarity_of(inputs.models[0])
-        found = report_facts.family_facts(db, inputs, first)
-    finally:
-        db.close()
+    # Finding 3 is the verdict on the facts the report read: testable (two sizes), its
+    # status in the text.
+    found = built_report.output.facts.family
+    assert [m.name for m in found.models] == [str(small), str(large)]
     verdict = verdicts.family(found)
+    assert verdict == built_report.output.verdicts.family
     assert verdict.testable and verdict.size_axis == "parameters"
     # the larger model's base MLSAE spills less (0.1 vs 0.6): multi-layer activity falls
     assert verdict.activity.correlation == pytest.approx(-1.0) and not verdict.activity.grows

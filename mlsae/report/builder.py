@@ -20,6 +20,10 @@ LEDGER_NAME = "runs.json"
 class ReportOutput(NamedTuple):
     report: Path
     figures: list[Path]
+    facts: facts.ReportFacts
+    """What the report read (one NamedTuple per section)."""
+    verdicts: verdicts.Verdicts
+    """What it decided from them."""
 
 
 def record_run(report_dir: Path, started_at: float | None) -> list[dict]:
@@ -45,10 +49,11 @@ def write_report(inputs: ReportInputs, report_dir: str | os.PathLike) -> ReportO
     report_dir = Path(report_dir)
     ledger = record_run(report_dir, inputs.started_at)
     found = facts.gather(inputs, ledger)
+    decided = verdicts.decide(found)
     page = Page(report_dir, inputs.pipeline_figures)
-    sections.render(page, found, verdicts.decide(found))
+    sections.render(page, found, decided)
     path = report_dir / REPORT_NAME
     tmp = path.with_name(f".{REPORT_NAME}.tmp-{os.getpid()}")
     tmp.write_text("\n".join(page.lines).rstrip() + "\n")
     os.replace(tmp, path)
-    return ReportOutput(path, page.figures)
+    return ReportOutput(path, page.figures, found, decided)

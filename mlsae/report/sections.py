@@ -25,7 +25,9 @@ from mlsae.report.verdicts import (
     TREND_MIN_RANK_CORRELATION,
     Trend,
     Verdicts,
+    model_sizes,
 )
+from mlsae.statistics import FIG3_PROMPT
 
 EMBEDDED_MODEL_NOTE = (" (the embedded model: 8.9M parameters, trained on 4.9M tokens of "
                        "Shakespeare, Milton and the King James Bible; see its model card)")
@@ -271,8 +273,6 @@ def like_for_like(page: Page, facts: ReportFacts) -> None:
 
 
 def calibration(page: Page, facts: ReportFacts, v: Verdicts) -> None:
-    from mlsae.figures import RATIO_LABELS
-
     cal, n_layers = facts.calibration, facts.inputs.n_layers
     spec = cal.spec
     n_tokens = spec.n_sequences * spec.seq_len
@@ -303,7 +303,7 @@ def calibration(page: Page, facts: ReportFacts, v: Verdicts) -> None:
                 "token-latent pairs at one layer." if shares else "."), "")
     path = figures.plot_calibration(
         {name: ([p.single_layer_share for p in points],
-                {k: [getattr(p, k) for p in points] for k in RATIO_LABELS})
+                {k: [getattr(p, k) for p in points] for k in figures.RATIO_LABELS})
          for name, points in cal.curves.items()},
         cal.marks, page.path("calibration.png"), paper_ratio=PAPER_RATIO)
     page.figure(path, "The three ratios against the share of single-layer token-latent pairs "
@@ -429,8 +429,6 @@ def dose_response(page: Page, facts: ReportFacts, v: Verdicts) -> None:
 
 def heatmaps(page: Page, facts: ReportFacts) -> None:
     h = facts.heatmaps
-    from mlsae.statistics import FIG3_PROMPT
-
     page.add("## 5. Heatmaps and MMCS", "",
              "Fig. 2: p_j(l) of every live latent over all logged tokens, latents sorted by "
              "expected layer (`SELECT * FROM latent_heatmap WHERE sae_id = ...`). Fig. 3: the "
@@ -491,8 +489,6 @@ def across_models(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         path = figures.plot_residual_similarity(curves, page.path("fig1_models.png"))
         page.figure(path, "Fig. 1 across models: adjacent-layer cosine similarity (left) and "
                           "residual norm (right) against the relative layer l / (L - 1).")
-    from mlsae.report.verdicts import model_sizes
-
     axis, sizes = model_sizes(fam)
     by_model = [(fam.rows.get(m.base_id, {}), fam.similarity.get(m.name)) for m in fam.models]
     path = figures.plot_against_size(
@@ -573,9 +569,8 @@ def differences(page: Page, facts: ReportFacts, v: Verdicts) -> None:
                  f"{fmt(fam.activity.correlation)}, change {fmt(fam.activity.change)}). A "
                  f"measure grows when its rank correlation with size is at least "
                  f"{TREND_MIN_RANK_CORRELATION:g} and it moves by at least "
-                 f"{TREND_MIN_CHANGE:g}." + (" With two or three small models of one family "
-                                             "this is a trend, not a law." if fam.testable
-                                             else ""), "")
+                 f"{TREND_MIN_CHANGE:g}. With two or three small models of one family this "
+                 "is a trend, not a law.", "")
     if (lens := v.lens) is not None:
         page.add("4. **The tuned lens does not obviously increase multi-layer activity.** "
                  f"Mean layer std {fmt(lens.without)} without the lens, {fmt(lens.with_lens)} "
