@@ -121,6 +121,68 @@ def saved_model_losses(directory: Path, seq_len: int = 256) -> dict[str, float]:
             "heldout_loss_first_64_test_seqs": heldout_loss(model, test_BT[:CARD_SUBSET_SEQS])}
 
 
+def write_family_card(directory: Path, log: dict) -> Path:
+    """README.md of a family member, every number read from its training_log.json."""
+    config = json.loads((directory / "config.json").read_text())
+    args = log["args"]
+    layers, width = config["num_hidden_layers"], config["hidden_size"]
+    heads, mlp = config["num_attention_heads"], config["intermediate_size"]
+    saved = log["saved_weights"]
+    evals = log["heldout_loss"]
+    last = ", ".join(f"{v:.3f}" for v in evals[-3:])
+    window = [t for t in log["eval_tokens"] if t >= log["eval_tokens"][-1] - 1_000_000]
+    start = evals[len(evals) - len(window)]
+    steps, batch, seq = int(args["steps"]), int(args["batch"]), int(args["seq_len"])
+    shape = f"{layers}x{width}"
+    text = f"""# Embedded model family: GPT-NeoX {shape}, pretrained on the embedded corpus
+
+A member of the embedded model family (the report's model-size axis; issue 14): the
+same script, corpus, tokenizer and recipe as the default model
+([mlsae/embedded/model](../../model/README.md), 6 x 256) at another shape.
+`--model embedded-{shape}` in every mlsae command, or
+`AutoModelForCausalLM.from_pretrained("mlsae/embedded/family/{shape}")`.
+
+## Architecture
+| | |
+| --- | --- |
+| type | `GPTNeoXForCausalLM` (Pythia architecture: parallel residual, rotary on 25% of head dims, untied unembedding) |
+| blocks (L) | {layers} |
+| d_model | {width} ({heads} heads x {width // heads}), MLP {mlp}, GELU |
+| vocabulary | 8,192 byte-level BPE: the default model's tokenizer (same token ids) |
+| context | 1,024 positions (trained on {seq}-token sequences) |
+| parameters | {log["n_params"]:,} (fp16 weights, {(directory / "model.safetensors").stat().st_size / 1e6:.1f} MB) |
+
+## Training
+- Data: the TRAIN split of the embedded corpus, {log["train_tokens_available"]:,} tokens,
+  documents joined with `<|endoftext|>`, cut into {seq}-token sequences, shuffled each epoch.
+- {steps:,} steps x {batch} sequences x {seq} tokens = {log["tokens_seen"]:,} tokens seen
+  ({log["epochs"]:.2f} epochs). AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), lr
+  {float(args["lr"]):g}, {max(1, steps // 20)} warm-up steps, cosine decay to a tenth, gradient
+  clipping 1.0, bf16 autocast with fp32 weights, seed {args["seed"]}, {args["threads"]} thread(s).
+  Wall time {log["seconds"] / 60:.0f} minutes on a shared 2-core CPU.
+- Held-out loss of the saved weights (fp16, computed in fp32), the whole TEST split
+  ({log["test_tokens"]:,} tokens): **{saved["heldout_loss_full_test"]:.4f} nats/token**
+  (perplexity {math.exp(saved["heldout_loss_full_test"]):.0f}); on the first 64 test sequences
+  (16,384 tokens, what tests/test_embedded_family.py reproduces):
+  **{saved["heldout_loss_first_64_test_seqs"]:.4f} nats/token**.
+
+![loss curve](loss_curve.png)
+
+Over the last 1M tokens seen the held-out loss (96 test sequences) moved from {start:.3f} to
+{evals[-1]:.3f} ({last} at the last three evaluations). Every evaluation is in
+`training_log.json`.
+
+## Retrain
+```bash
+python scripts/train_embedded_model.py --layers {layers} --width {width} --heads {heads} \\
+    --steps {steps} --tokenizer mlsae/embedded/model --out mlsae/embedded/family/{shape}
+```
+"""
+    path = directory / "README.md"
+    path.write_text(text)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("mlsae/embedded/model"))
@@ -141,6 +203,8 @@ def main() -> None:
     parser.add_argument("--card-losses", action="store_true",
                         help="only compute the card's held-out losses of the model saved in "
                              "--out (fp16 weights, fp32 compute) into its training_log.json")
+    parser.add_argument("--family-card", action="store_true",
+                        help="with --card-losses: also write a family member's README.md card")
     parser.add_argument("--no-bf16", action="store_true",
                         help="train in plain fp32 (bf16 autocast is ~1.5x faster on CPU)")
     args = parser.parse_args()
@@ -151,6 +215,8 @@ def main() -> None:
         log["saved_weights"] = saved_model_losses(args.out, args.seq_len)
         log_path.write_text(json.dumps(log))
         print(json.dumps(log["saved_weights"], indent=1))
+        if args.family_card:
+            print(f"card: {write_family_card(args.out, log)}")
         return
     args.out.mkdir(parents=True, exist_ok=True)
 
