@@ -17,7 +17,9 @@ class GridEntry:
     expansion_factor: int
     k: int
     lens: bool
+    """Trained in the tuned-lens basis."""
     layers: list[int]
+    """Model blocks it reads (one for a single-layer SAE)."""
     run_dir: str
     """Its training directory (train_summary.json, the saved autoencoder under sae/)."""
 
@@ -63,19 +65,26 @@ class ReportInputs:
     """Everything the report reads besides the warehouse's tables."""
 
     warehouse: Path
+    """The warehouse the pipeline filled (tables, autoencoders, caches)."""
     model: str
     """The first model: the one with the full star grid."""
     data: str
+    """The text the autoencoders were trained and evaluated on."""
     n_layers: int
+    """Blocks the first model's MLSAEs read (L)."""
     d_model: int
     grid: list[GridEntry]
+    """Every autoencoder trained on the first model: MLSAEs and single-layer SAEs."""
     base_id: str
     """The base MLSAE: compared with the single-layer SAEs, drawn in the figures."""
     train_tokens: int
+    """Training tokens per layer, the same for every autoencoder."""
     eval_tokens: int
+    """Held-out tokens of the metrics and the latent tables."""
     seq_len: int
     lr: float
     batch_tokens: int
+    """Tokens per optimizer step."""
     command: str
     """The command that regenerates the report."""
     warehouse_arg: str | None = None
@@ -97,6 +106,7 @@ class ReportInputs:
     started_at: float | None = None
     """Unix time this report run started (for the runtime ledger)."""
     device: str = "cpu"
+    """Where the autoencoders were trained (named in the runtime paragraph)."""
     calibration_tokens: int = 8192
     """Tokens per synthetic table of the calibration (section 3): 4 batches of 2048."""
 
