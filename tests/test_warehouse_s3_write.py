@@ -302,11 +302,11 @@ def test_the_same_autoencoder_twice_at_once_is_written_once(s3_env, tmp_path):
 def test_training_resumes_from_a_checkpoint_another_worker_published(s3_env, tmp_path,
                                                                      monkeypatch):
     from mlsae.data import DataConfig
-    from mlsae.extract import ExtractConfig, stream_activations
+    from mlsae.extract import ExtractConfig, cache_key, extract_to_cache
     from mlsae.models import load_model
     from mlsae.sae.config import SAEConfig, TrainConfig
     from mlsae.sae.train import TrainingInterrupted, train_sae
-    from mlsae.warehouse import autoencoder_dir
+    from mlsae.warehouse import activation_cache_dir, autoencoder_dir
     from mlsae.warehouse.workspace import checkpoint_publisher, workspace
 
     url, sae_id = f"s3://{BUCKET}/resume", "embedded-R2-k4-resume"
@@ -317,10 +317,15 @@ def test_training_resumes_from_a_checkpoint_another_worker_published(s3_env, tmp
                       train_tokens=1024, batch_tokens=128, lr=1e-3, device="cpu",
                       checkpoint_every=1)
 
-    def stream():
-        return stream_activations(ExtractConfig(
-            model="embedded", data=DataConfig(split="train", seq_len=64, max_sequences=32),
-            device="cpu", dtype="float32", shard_sequences=16, layers=[1, 3]), loaded)
+    extract = ExtractConfig(model="embedded", device="cpu", dtype="float32", shard_sequences=16,
+                            data=DataConfig(split="train", seq_len=64, max_sequences=32),
+                            layers=[1, 3])
+
+    def cache():
+        """This machine's activation cache (in its scratch: each worker extracts its own,
+        so the checkpoint records another cache path than the one it resumes with)."""
+        return extract_to_cache(extract, activation_cache_dir(url, cache_key(extract)),
+                                loaded=loaded, log=lambda _: None)
 
     steps = []
 
@@ -330,7 +335,7 @@ def test_training_resumes_from_a_checkpoint_another_worker_published(s3_env, tmp
 
     monkeypatch.setenv("MLSAE_SCRATCH", str(tmp_path / "machine-a"))
     with pytest.raises(TrainingInterrupted), workspace(url, [sae_id]) as local:
-        train_sae(cfg, stream(), autoencoder_dir(local, sae_id), source_layers=[1, 3],
+        train_sae(cfg, cache(), autoencoder_dir(local, sae_id),
                   on_step=checkpoint_publisher(url, [sae_id]), should_stop=stop_after_three,
                   progress_log=lambda _: None)
     assert f"autoencoders/{sae_id}/checkpoint.pt" in _sae_objects(url, sae_id)
@@ -338,7 +343,29 @@ def test_training_resumes_from_a_checkpoint_another_worker_published(s3_env, tmp
     monkeypatch.setenv("MLSAE_SCRATCH", str(tmp_path / "machine-b"))
     with workspace(url, [sae_id]) as local:
         assert local.is_relative_to(tmp_path / "machine-b")
-        result = train_sae(cfg, stream(), autoencoder_dir(local, sae_id), source_layers=[1, 3],
+        result = train_sae(cfg, cache(), autoencoder_dir(local, sae_id),
                            progress_log=lambda _: None)
     assert result.resumed_from_step == 3 and result.steps == cfg.n_steps == 8
     assert f"autoencoders/{sae_id}/sae/model.safetensors" in _sae_objects(url, sae_id)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_workers_write_one_run_into_one_bucket_at_once(local_run, s3_env, prefect_api,
+                                                           tmp_path):
+    """Two `mlsae run` processes (own scratch directories, one Prefect server) start the
+    same run into one bucket together: the autoencoder is written once (the second waits
+    on its lease, or finds the step cached), and the tables equal the local run's."""
+    url = f"s3://{BUCKET}/two-workers"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_API_URL": prefect_api}
+    workers = [subprocess.Popen([MLSAE, "run", "--out", url, "--scratch", str(tmp_path / name),
+                                 *CLI_ARGS], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+               for name in ("worker-a", "worker-b")]
+    logs = [w.communicate(timeout=600)[1] for w in workers]
+    for worker, log in zip(workers, logs, strict=True):
+        errors = [line for line in log.splitlines() if "Error" in line or "ERROR" in line]
+        assert worker.returncode == 0, "\n".join(errors[-20:]) or log[-3000:]
+    assert any("another worker holds it" in log or "Cached" in log for log in logs), logs
+    assert _uncommitted(url) == []
+    assert_same_warehouse(local_run, url)

@@ -94,7 +94,7 @@ class TrainState:
         payload = torch.load(path, map_location=self.model.W_enc_MD.device, weights_only=True)
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an mlsae training checkpoint: use another out_dir")
-        saved, wanted = payload["trajectory"], _jsonable(cfg.trajectory())
+        saved, wanted = _portable(payload["trajectory"]), _portable(_jsonable(cfg.trajectory()))
         if saved != wanted:
             diff = "; ".join(f"{k}: checkpoint has {saved.get(k)!r}, asked for {wanted.get(k)!r}"
                              for k in {**saved, **wanted} if saved.get(k) != wanted.get(k))
@@ -137,6 +137,15 @@ SHARED_FIELDS = ("train_tokens", "batch_tokens", "shuffle_tokens", "shuffle")
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def _portable(trajectory: dict) -> dict:
+    """A trajectory without the activation cache's local path (sae.extra.cache): the same
+    cache (same data, sae.data) on another machine or scratch directory continues the same
+    run, so a checkpoint published to a bucket resumes anywhere."""
+    sae = dict(trajectory.get("sae") or {})
+    sae["extra"] = {k: v for k, v in (sae.get("extra") or {}).items() if k != "cache"}
+    return {**trajectory, "sae": sae}
 
 
 @dataclass
@@ -255,7 +264,12 @@ def _finish(m: _Member, rate_elapsed: float, exhausted: bool) -> TrainResult:
     done = state.tokens - m.tokens0
     rate = done / rate_elapsed if done > 0 and rate_elapsed > 0 else 0.0
     state.model.eval()
-    sae_dir = state.model.save_pretrained(out / SAE_DIR)
+    sae_dir = out / SAE_DIR
+    if done > 0 or not ((sae_dir / "config.json").exists() and any(sae_dir.glob("*.safetensors"))):
+        sae_dir = state.model.save_pretrained(sae_dir)
+    # else a rerun of a finished run: the saved weights stay as they are (saving again would
+    # record this run's source path in config.json, changing a file that a warehouse in a
+    # bucket already holds and the latent log's fingerprint pinned)
     summary = {"train_config": _jsonable(cfg.to_dict()), "steps": state.step,
                "tokens": state.tokens, "tokens_per_s": rate, "resumed_from_step": m.resumed_from,
                "data_exhausted": exhausted, "history": state.history}
