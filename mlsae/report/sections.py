@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mlsae import figures
-from mlsae.report.facts import ReportFacts
+from mlsae.report.facts import SETTLE_FRACTION, WINDOW_FRACTION, ReportFacts
 from mlsae.report.markdown import Page, fmt, pct, sql_block, table
 from mlsae.report.verdicts import (
     FVU_COMPARABLE_FACTOR,
@@ -102,16 +102,17 @@ def grid(page: Page, facts: ReportFacts, v: Verdicts) -> None:
                      f.final_dead if f else None,
                      f"{f.seconds / 60:.1f}" if f and f.seconds else "-"])
     page.add(*table(["sae_id", "role", "R", "k", "latents", "lens", "steps", "final train FVU",
-                     "FVU change, last 20%", "final dead fraction", "train min"], rows))
+                     f"FVU change, last {pct(SETTLE_FRACTION)}", "final dead fraction", "train min"], rows))
     s = v.settled
     if s.settled is None:
-        page.add("Training FVU is the mean over the last 5% of steps. Some runs have too few "
+        page.add(f"Training FVU is the mean over the last {pct(WINDOW_FRACTION)} of steps. Some "
+                 "runs have too few "
                  "steps (or no training summary) to judge whether FVU has settled: read their "
                  "metrics as those of a short run.", "")
     else:
         names = {"mlsae": "the MLSAEs", "baseline": "the single-layer SAEs"}
-        page.add("Training FVU is the mean over the last 5% of steps; its change over the last "
-                 "fifth of training is at most "
+        page.add(f"Training FVU is the mean over the last {pct(WINDOW_FRACTION)} of steps; its "
+                 f"change over the last {pct(SETTLE_FRACTION)} of training is at most "
                  + " and ".join(f"{fmt(100 * w)}% for {names[r]}"
                                 for r, w in s.worst_by_role.items() if w is not None)
                  + " (in magnitude), "
@@ -529,7 +530,8 @@ def differences(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         size = (EMBEDDED_MODEL_NOTE if inp.model == "embedded" else
                 f" ({fmt(inp.n_params)} parameters)" if inp.n_params else "")
         page.add(f"2. **Aggregated layer variance ~{PAPER_RATIO:g}x the per-token one.** "
-                 "Measured as the paper measures it (its code's A/B over 2048-token batches, "
+                 f"Measured as the paper measures it (its code's A/B over "
+                 f"{facts.like.batch_tokens}-token batches, "
                  f"section 3 \"Like for like\"), the grid gives {fmt(var.ref_low)}-"
                  f"{fmt(var.ref_high)}. "
                  + (f"Of the paper's order (at least {PAPER_ORDER:g})." if var.near_paper else
