@@ -69,6 +69,25 @@ def test_report_command_names_only_given_options():
         "mlsae report -k 4 -k 8 --lens off --train-tokens 1000 --out wh")
 
 
+def test_other_models_get_the_base_config_only_and_the_command_names_them():
+    from flows.report import report_command
+    from mlsae.plan import REPORT_MODELS, family_request, report_models, report_request
+
+    request = report_request(grid={"ks": [8, 16]}, budget={"train_tokens": 4096})
+    other = family_request(request, "other/")
+    g = other.grid
+    assert (g.expansion_factors, g.ks, g.lens, g.baselines) == ([4], [16], "off", False)
+    assert g.dose_expansion_factors is None and g.dose_k is None and g.layers is None
+    assert other.target.model == "other/" and other.budget == request.budget
+    assert request.target.model == "embedded"  # the first model's request is untouched
+    assert report_models(None) == list(REPORT_MODELS)
+    assert report_models(None, {"model": "m/"}) == ["m/"]
+    assert report_models(["a", "b", "a"]) == ["a", "b"]
+    assert report_command(report_request(), list(REPORT_MODELS), None) == "mlsae report"
+    assert report_command(request, ["a", "b"], "wh") == (
+        "mlsae report --model a --model b -k 8 -k 16 --train-tokens 4096 --out wh")
+
+
 def test_report_figures_are_written(tmp_path):
     paths = [
         figures.plot_training_curves({"a": ([1, 2, 3], [0.5, 0.3, 0.2], [0, 0, 0.1]),
