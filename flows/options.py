@@ -15,7 +15,15 @@ from typing import Any
 
 import click
 
-from mlsae.plan import PARTS, PRESETS, InvalidRequest, RunRequest, field_docs, nest_fields
+from mlsae.plan import (
+    PARTS,
+    PRESETS,
+    REPORT_MODELS,
+    InvalidRequest,
+    RunRequest,
+    field_docs,
+    nest_fields,
+)
 
 COMMON_OPTIONS = ("preset", "out", "refresh", "dry_run", "as_json")
 """Options every run-like command has besides the request fields."""
@@ -164,3 +172,15 @@ def command_line(command: str, request: RunRequest, out: str | None = None) -> s
     if out:
         words.append(f"--out {out}")
     return " ".join(words)
+
+
+def report_command_line(request: RunRequest, models: list[str], out: str | None = None) -> str:
+    """The `mlsae report ...` line that reproduces this report: every model (none when they
+    are the default family), then the request's given options."""
+    given = request.given()
+    model_given = given["target"].pop("model", None) is not None
+    line = command_line("report", RunRequest(preset=request.preset, **given), out)
+    if model_given or list(models) != list(REPORT_MODELS):
+        prefix = "mlsae report"
+        line = prefix + "".join(f" --model {m}" for m in models) + line[len(prefix):]
+    return line

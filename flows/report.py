@@ -26,6 +26,7 @@ from typing import TypedDict
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.options import report_command_line
 from flows.pipeline import bind_tasks, resolve_out, submit_model
 from mlsae.plan import Budget, Grid, Target, check_report_plans, report_models, report_request
 from mlsae.warehouse import init_warehouse
@@ -88,24 +89,9 @@ def report(
         plan=plans[0], base=base, figures=figures, analyses=list(analyses.values()),
         family=plans[1:], family_figures=[f for f, _ in family],
         family_analyses=[a for _, done in family for a in done.values()],
-        command=report_command(request, models, out), started_at=start, out=str(out_dir),
+        command=report_command_line(request, models, out), started_at=start, out=str(out_dir),
         out_arg=out).result()
     return ReportResult(out=str(out_dir), report=manifest["report"],
                         report_dir=manifest["report_dir"],
                         sae_ids=[s["sae_id"] for plan in plans for s in plan["specs"]],
                         seconds=round(time.time() - start, 1))
-
-
-def report_command(request, models: list[str], out: str | None) -> str:
-    """The `mlsae report ...` line that reproduces this report: every model (none when they
-    are the default family), then the request's given options."""
-    from flows.options import command_line
-    from mlsae.plan import REPORT_MODELS, RunRequest
-
-    given = request.given()
-    model_given = given["target"].pop("model", None) is not None
-    line = command_line("report", RunRequest(preset=request.preset, **given), out)
-    if model_given or list(models) != list(REPORT_MODELS):
-        prefix = "mlsae report"
-        line = prefix + "".join(f" --model {m}" for m in models) + line[len(prefix):]
-    return line

@@ -70,7 +70,7 @@ def test_report_command_names_only_given_options():
 
 
 def test_other_models_get_the_base_config_only_and_the_command_names_them():
-    from flows.report import report_command
+    from flows.options import report_command_line
     from mlsae.plan import REPORT_MODELS, family_request, report_models, report_request
 
     request = report_request(grid={"ks": [8, 16]}, budget={"train_tokens": 4096})
@@ -83,8 +83,8 @@ def test_other_models_get_the_base_config_only_and_the_command_names_them():
     assert report_models(None) == list(REPORT_MODELS)
     assert report_models(None, {"model": "m/"}) == ["m/"]
     assert report_models(["a", "b", "a"]) == ["a", "b"]
-    assert report_command(report_request(), list(REPORT_MODELS), None) == "mlsae report"
-    assert report_command(request, ["a", "b"], "wh") == (
+    assert report_command_line(report_request(), list(REPORT_MODELS)) == "mlsae report"
+    assert report_command_line(request, ["a", "b"], "wh") == (
         "mlsae report --model a --model b -k 8 -k 16 --train-tokens 4096 --out wh")
 
 
