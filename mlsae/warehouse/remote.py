@@ -259,16 +259,20 @@ def publish(where: str | os.PathLike, sae_ids: Iterable[str] = (), *, shared: bo
 
 
 def pull(where: str | os.PathLike, sae_ids: Iterable[str] = (), *,
-         shared_prefixes: tuple[str, ...] = ()) -> list[str]:
+         shared_prefixes: tuple[str, ...] = (), sae_prefix: str = "") -> list[str]:
     """Download the committed units of `sae_ids` (and the shared units under
     `shared_prefixes`, e.g. lenses/) into the working copy, so a step on this worker finds
-    what another worker finished or checkpointed. A local file changed since it was last
-    published or pulled is unpublished work and is kept. Returns the units pulled."""
+    what another worker finished or checkpointed; sae_prefix: only their units whose name
+    starts with it (e.g. "autoencoders/": the weights, not the tables). A local file
+    changed since it was last published or pulled is unpublished work and is kept.
+    Returns the units pulled."""
     local, store, ids = working_dir(where), open_store(where), set(sae_ids)
 
     def wanted(unit: str) -> bool:
         owner = unit_sae_id(unit)
-        return owner in ids if owner is not None else unit.startswith(shared_prefixes)
+        if owner is not None:
+            return owner in ids and unit.startswith(sae_prefix)
+        return unit.startswith(shared_prefixes)
 
     pulled = []
     with _locked(local) as state:

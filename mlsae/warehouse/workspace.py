@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mlsae.warehouse.layout import (
+    AUTOENCODERS_DIR,
     LENSES_DIR,
     autoencoder_dir,
     init_warehouse,
@@ -58,7 +59,9 @@ def workspace(out: str | os.PathLike, sae_ids: Iterable[str] = (), *, write: boo
         if write:
             for sae_id in ids:  # in one order everywhere: two steps never wait on each other
                 leases.enter_context(holding(out, f"sae-{sae_id}", log=say))
-        pull(out, ids, shared_prefixes=(LENSES_DIR + "/",))
+        # a step that only reads the autoencoders needs their weights, not their tables
+        pull(out, ids, shared_prefixes=(LENSES_DIR + "/",),
+             sae_prefix="" if write else AUTOENCODERS_DIR + "/")
         try:
             yield local
         except BaseException:
