@@ -57,10 +57,14 @@ def s3_env(tmp_path_factory):
     os.environ.update(env)
     import s3fs
 
+    # fsspec keeps filesystem instances across tests; one made for another module's server
+    # would still talk to that (stopped) endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem().mkdir(BUCKET)
     try:
         yield env
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
