@@ -175,8 +175,11 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, kind):
     for a, b in zip(_params(full.sae), _params(resumed.sae), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert resumed.history == full.history
+    summary_before = (tmp_path / "killed" / "train_summary.json").read_text()
     again = train_sae(cfg, source(), tmp_path / "killed", progress_log=lambda line: None)
     assert again.resumed_from_step == 12 and again.tokens_per_s == 0.0  # nothing left
+    # ...and the summary still records the session that trained (its rate: the runtime)
+    assert (tmp_path / "killed" / "train_summary.json").read_text() == summary_before
     loaded = MLSAE.from_pretrained(resumed.sae_dir)
     for a, b in zip(_params(full.sae), _params(loaded), strict=True):
         assert torch.equal(a, b)

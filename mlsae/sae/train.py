@@ -270,12 +270,16 @@ def _finish(m: _Member, rate_elapsed: float, exhausted: bool) -> TrainResult:
     # else a rerun of a finished run: the saved weights stay as they are (saving again would
     # record this run's source path in config.json, changing a file that a warehouse in a
     # bucket already holds and the latent log's fingerprint pinned)
-    summary = {"train_config": _jsonable(cfg.to_dict()), "steps": state.step,
-               "tokens": state.tokens, "tokens_per_s": rate, "resumed_from_step": m.resumed_from,
-               "data_exhausted": exhausted, "history": state.history}
-    tmp = out / f".{SUMMARY}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, out / SUMMARY)
+    if not (done == 0 and (out / SUMMARY).exists()):
+        # (a rerun of a finished run keeps the summary of the session that trained it: its
+        # rate is the run's training time, the report's runtime; 0 tokens/s would erase it)
+        summary = {"train_config": _jsonable(cfg.to_dict()), "steps": state.step,
+                   "tokens": state.tokens, "tokens_per_s": rate,
+                   "resumed_from_step": m.resumed_from, "data_exhausted": exhausted,
+                   "history": state.history}
+        tmp = out / f".{SUMMARY}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, out / SUMMARY)
     return TrainResult(state.model, sae_dir, state.step, state.tokens, state.history, rate,
                        m.resumed_from, exhausted)
 
