@@ -328,7 +328,9 @@ def test_finding_3_verdict_flips_with_the_model_family():
     # growth smaller than TREND_MIN_CHANGE is not growth
     tiny = verdicts.family(_family([10, 20], [0.5, 0.5 + verdicts.TREND_MIN_CHANGE / 2],
                                    [0.6, 0.2]))
-    assert tiny.status == "partly reproduced" and not tiny.similarity.grows
+    assert tiny.status == "partly consistent (two models)" and not tiny.similarity.grows
+    two = verdicts.family(_family([10, 20], [0.5, 0.9], [0.6, 0.2]))
+    assert two.status == "consistent (two models)"  # rank correlation 1 from two points
 
 
 def test_dose_verdict_reads_the_trend_in_r():

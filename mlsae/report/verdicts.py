@@ -39,6 +39,9 @@ FVU_COMPARABLE_SLACK = 0.02
 """Finding 5: MLSAE FVU <= 1.5 x the single-layer SAEs' FVU + 0.02 counts as comparable."""
 FAMILY_MIN_MODELS = 2
 """Finding 3 needs at least two models of different sizes."""
+FAMILY_TREND_MIN_MODELS = 3
+"""...and a trend needs three: with two, any difference has rank correlation +-1, so the
+verdict says only whether the two point the paper's way ("consistent")."""
 TREND_MIN_RANK_CORRELATION = 0.8
 """A measure grows with model size when its Spearman correlation with size is at least 0.8
 (with three models: strictly monotone)."""
@@ -183,7 +186,8 @@ class FamilyVerdict(NamedTuple):
     activity: Trend
     """Multi-layer share of token-latent pairs (1 - single-layer share) against size."""
     status: str
-    """"not testable", "reproduced", "partly reproduced" or "not reproduced"."""
+    """"not testable", "reproduced", "partly reproduced" or "not reproduced"; with two
+    models "consistent (two models)" or "partly consistent (two models)" instead."""
 
 
 def model_sizes(family: FamilyFacts) -> tuple[str, list[float]]:
@@ -211,7 +215,11 @@ def family(facts: FamilyFacts) -> FamilyVerdict:
     size, sim, multi = zip(*points, strict=True)
     sim_trend, act_trend = trend(size, sim), trend(size, multi)
     grows = sim_trend.grows + act_trend.grows
-    status = {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}[grows]
+    if len(points) < FAMILY_TREND_MIN_MODELS:
+        status = {2: "consistent (two models)", 1: "partly consistent (two models)",
+                  0: "not reproduced"}[grows]
+    else:
+        status = {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}[grows]
     return FamilyVerdict(True, len(points), axis, sim_trend, act_trend, status)
 
 
