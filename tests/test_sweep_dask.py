@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip install -e "
                                            "'.[dask]'")
 
+from tests.s3_server import moto_s3  # noqa: E402
 from tests.test_flows_support import request, snapshot, table_rows  # noqa: E402
 
 # Generous: on a loaded 2-core machine one sweep has taken ten times its usual ~25 s.
@@ -37,30 +38,13 @@ def s3_env(tmp_path_factory):
     this process's environment, which the cluster's worker processes inherit. None when
     the s3 extra or moto[server] is missing (only the bucket test needs it)."""
     try:
-        import s3fs
-        from moto.server import ThreadedMotoServer
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
     except ImportError:
         yield None
         return
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "MLSAE_MIRROR_DIR": str(tmp_path_factory.mktemp("mirror")),
-           "MLSAE_SCRATCH": str(tmp_path_factory.mktemp("scratch"))}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem().mkdir(BUCKET)
-    try:
+    with moto_s3(tmp_path_factory, BUCKET) as env:
         yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip in
                                    "'mlsae[s3]'")
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
 
+from tests.s3_server import moto_s3  # noqa: E402
 from tests.serve_warehouse import build_serve_warehouse  # noqa: E402
 
 MLSAE = str(Path(sys.executable).with_name("mlsae"))
@@ -32,25 +33,8 @@ QUERIES = (
 
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "MLSAE_MIRROR_DIR": str(tmp_path_factory.mktemp("mirror"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with moto_s3(tmp_path_factory, scratch=False) as env:
         yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 @pytest.fixture(scope="module")

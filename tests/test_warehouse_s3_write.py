@@ -30,6 +30,7 @@ pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip in
                                    "'mlsae[s3]'")
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
 
+from tests.s3_server import moto_s3  # noqa: E402
 from tests.test_flows_support import request  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,33 +45,8 @@ CLI_ARGS = ["-R", "2", "-k", "4", "--train-tokens", "2048", "--eval-tokens", "51
 
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "MLSAE_MIRROR_DIR": str(tmp_path_factory.mktemp("mirror")),
-           "MLSAE_SCRATCH": str(tmp_path_factory.mktemp("scratch"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    # fsspec keeps filesystem instances across tests; one made for another module's server
-    # would still talk to that (stopped) endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir(BUCKET)
-    try:
+    with moto_s3(tmp_path_factory, BUCKET) as env:
         yield env
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 @pytest.fixture(scope="module")
