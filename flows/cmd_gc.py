@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 
 @click.command("gc")
-@click.option("--out", "warehouse_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="The warehouse. [default: $MLSAE_HOME or ./mlsae-data]")
+@click.option("--out", "warehouse_dir", default=None, help="The warehouse. [default: $MLSAE_HOME or ./mlsae-data]")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
-def command(warehouse_dir: Path | None, dry_run: bool) -> None:
+def command(warehouse_dir: str | None, dry_run: bool) -> None:
     """Remove activation caches that no unfinished run needs.
 
     A finished run keeps its cache (a rerun on the same data then trains without
@@ -27,10 +24,10 @@ def command(warehouse_dir: Path | None, dry_run: bool) -> None:
     from mlsae.estimate import format_bytes
     from mlsae.gc import remove_unneeded_caches
     from mlsae.paths import default_warehouse
-    from mlsae.warehouse import WarehouseError, require_warehouse
+    from mlsae.warehouse import WarehouseError, check_local, require_warehouse
 
-    where = warehouse_dir or default_warehouse()
-    try:
+    try:  # a URL is named as one (click.Path would have made s3:// a local "s3:/")
+        where = check_local(warehouse_dir) if warehouse_dir else default_warehouse()
         require_warehouse(where)
     except WarehouseError as err:
         raise click.ClickException(str(err)) from err

@@ -27,8 +27,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 @click.command("serve")
-@click.option("--out", "warehouse", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Warehouse directory (default: $MLSAE_HOME, else ./mlsae-data).")
+@click.option("--out", "warehouse", default=None, help="Warehouse directory (default: $MLSAE_HOME, else ./mlsae-data).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default is this machine only; any other "
                    "address lets others on the network read the warehouse (a warning says so).")
@@ -36,7 +35,7 @@ def _check_port(host: str, port: int) -> None:
               help="TCP port.")
 @click.option("--device", default="auto", show_default=True,
               help="Where models and autoencoders run: auto (a GPU when there is one), cpu, cuda.")
-def command(warehouse: Path | None, host: str, port: int, device: str) -> None:
+def command(warehouse: str | None, host: str, port: int, device: str) -> None:
     """Explore the warehouse in a browser: the autoencoders and their metrics, any prompt's
     latents per layer (heatmap, token colouring, logits clean / reconstructed / steered),
     and each latent's layer distribution, statistics and top contexts.
@@ -48,8 +47,8 @@ def command(warehouse: Path | None, host: str, port: int, device: str) -> None:
     from mlsae import warehouse as wh
     from mlsae.serve.app import exposure_warning, serve
 
-    root = warehouse or default_warehouse()
-    try:
+    try:  # a URL is named as one (click.Path would have made s3:// a local "s3:/")
+        root = wh.check_local(warehouse) if warehouse else default_warehouse()
         wh.require_warehouse(root)
     except wh.WarehouseError as e:
         raise click.ClickException(str(e)) from e

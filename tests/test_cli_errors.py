@@ -107,6 +107,8 @@ def test_sql_refuses_a_directory_that_is_not_a_warehouse(bad_inputs):
     # runs write to a bucket (tests/test_warehouse_s3_write.py); the report does not yet
     (("report", "--out", "s3://bucket/wh", "--dry-run"), {}, "is a URL"),
     (("gc",), {"MLSAE_HOME": "s3://bucket/wh"}, "is a URL"),
+    (("gc", "--out", "s3://bucket/wh"), {}, "is a URL"),
+    (("serve", "--out", "s3://bucket/wh"), {}, "is a URL"),
     # reading one is supported (tests/test_warehouse_s3.py), given the store's package
     (("sql", "SELECT 1"), {"MLSAE_HOME": "gs://bucket/wh"}, "gcsfs"),
 ])
