@@ -58,8 +58,9 @@ def check_local(where: str | os.PathLike) -> Path:
     if is_url(where):
         raise WarehouseError(
             f"{str(where)!r} is a URL, but this works on a local warehouse directory only: "
-            "use a local path (`mlsae run`, `mlsae sql`, `mlsae import` and the flows take a "
-            "bucket URL; this command does not); nothing was written")
+            "use a local path (`mlsae run`, `mlsae sweep`, `mlsae import`, `mlsae sql` and the "
+            "pipeline, sweep and import flows take a bucket URL; this command does not); "
+            "nothing was written")
     return Path(where)
 
 
