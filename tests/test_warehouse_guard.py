@@ -145,3 +145,16 @@ def test_setup_sql_in_the_warehouse_uses_relative_paths(root, tmp_path, monkeypa
     con = duckdb.connect()
     con.execute((moved / "setup.sql").read_text())
     assert con.execute("SELECT count(*) FROM latent_stats").fetchone()[0] > 0
+
+
+def test_lease_seconds_takes_an_explicit_value_and_refuses_zero(monkeypatch):
+    from mlsae.warehouse.lease import DEFAULT_LEASE_SECONDS, LEASE_SECONDS_ENV, lease_seconds
+
+    monkeypatch.delenv(LEASE_SECONDS_ENV, raising=False)
+    assert lease_seconds() == DEFAULT_LEASE_SECONDS
+    monkeypatch.setenv(LEASE_SECONDS_ENV, "7.5")
+    assert lease_seconds() == 7.5
+    for bad in ("0", "-3", "soon"):
+        monkeypatch.setenv(LEASE_SECONDS_ENV, bad)
+        with pytest.raises(ValueError, match="positive number"):
+            lease_seconds()

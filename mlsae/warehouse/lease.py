@@ -30,7 +30,19 @@ DEFAULT_LEASE_SECONDS = 120.0
 
 
 def lease_seconds() -> float:
-    return float(os.environ.get(LEASE_SECONDS_ENV) or DEFAULT_LEASE_SECONDS)
+    """$MLSAE_LEASE_SECONDS when set (a positive number: an explicit value is never
+    replaced by the default), else DEFAULT_LEASE_SECONDS."""
+    text = os.environ.get(LEASE_SECONDS_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_LEASE_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"${LEASE_SECONDS_ENV}={text!r}: give a positive number of seconds "
+                         f"(or unset it for {DEFAULT_LEASE_SECONDS:g})")
+    return seconds
 
 
 @dataclass
