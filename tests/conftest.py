@@ -59,3 +59,15 @@ def tiny_llama():
                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                       max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect server (own PREFECT_HOME and database) for this module."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home)}), \
+            prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()

@@ -32,18 +32,6 @@ from tests.test_flows_support import (
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A temporary Prefect server (own PREFECT_HOME and database) for this module."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home)}), \
-            prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
-
-
 # Three of the six blocks: exercises a layer subset and keeps the baselines to three.
 LAYERS = [1, 3, 5]
 

@@ -48,17 +48,6 @@ def s3_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home)}), \
-            prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def cluster(prefect_api, s3_env):
     """Two single-threaded worker processes (spawned: nothing of this process is shared
     but its environment)."""
