@@ -168,6 +168,7 @@ def write_latents(
     config: LatentLogConfig | None = None,
     progress_log: Callable[[str], None] | None = None,
     total_tokens: int | None = None,
+    on_part: Callable[[int], None] | None = None,
 ) -> LogResult:
     """The resumable, streaming core of log_latents, independent of torch.
 
@@ -178,6 +179,8 @@ def write_latents(
     fingerprint: what the rows depend on (data, SAE, basis): logging an existing sae_id
       with a different one raises WarehouseError.
     total_tokens: unmasked tokens expected, for the progress ETA (None: unknown).
+    on_part: called with the part's index once its files are written (e.g. to publish the
+      part to a bucket, so a worker killed later loses nothing already finished).
     """
     config = config or LatentLogConfig()
     start = time.perf_counter()
@@ -264,6 +267,8 @@ def write_latents(
             write_part_sums(warehouse_dir, sae_id, part)
             seconds_sums += time.perf_counter() - t_sums
             written += 1
+            if on_part is not None:
+                on_part(part)
         progress.close()
 
         n_rows, n_bytes = 0, 0
@@ -496,11 +501,13 @@ def encode_tokens(sae: Any, model: Any, layers: Sequence[int], ids_BT: Any, mask
 def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
                 warehouse_dir: str | os.PathLike, sae_id: str, basis: Any = None,
                 config: LatentLogConfig | None = None, train_tokens: int | None = None,
-                progress_log: Callable[[str], None] | None = None) -> LogResult:
+                progress_log: Callable[[str], None] | None = None,
+                on_part: Callable[[int], None] | None = None) -> LogResult:
     """Log the latents of the SAE saved in `sae_dir` on `data` (a DataConfig, normally
     split="test") run through `loaded` (LoadedModel), into `warehouse_dir` as `sae_id`.
 
     basis: a ResidualBasis (tuned lens) the SAE was trained in; None = identity.
+    on_part: see write_latents.
     Resumable and atomic (see the module docstring); returns a LogResult.
     """
     import torch
@@ -535,4 +542,5 @@ def log_latents(sae_dir: str | os.PathLike, loaded: Any, data: Any,
     }
     max_seq = getattr(data, "max_sequences", None)
     return write_latents(warehouse_dir, record, sequences, encode, decode, fingerprint, config,
-                         progress_log, total_tokens=max_seq * data.seq_len if max_seq else None)
+                         progress_log, total_tokens=max_seq * data.seq_len if max_seq else None,
+                         on_part=on_part)

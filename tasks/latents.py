@@ -44,7 +44,7 @@ def log_latent_tables(trained: TrainManifest | list[TrainManifest], sae_id: str,
     from mlsae import warehouse
     from mlsae.latents import LatentLogConfig, log_latents
     from mlsae.models import load_model
-    from mlsae.warehouse.workspace import workspace
+    from mlsae.warehouse.workspace import part_publisher, workspace
 
     trained = pick_trained(trained, sae_id)
     model, device = settings["model"]["name"], settings["device"]
@@ -54,7 +54,8 @@ def log_latent_tables(trained: TrainManifest | list[TrainManifest], sae_id: str,
         result = log_latents(
             warehouse.local_path(out, trained["sae_dir"]), loaded, eval_data(settings), local,
             trained["sae_id"], basis=basis, config=LatentLogConfig(device=device, memory_bytes=eval_memory(settings)),
-            train_tokens=trained["train_tokens"], progress_log=progress_log())
+            train_tokens=trained["train_tokens"], progress_log=progress_log(),
+            on_part=part_publisher(out, [sae_id]))
     run_logger().info("%s: %d latent rows over %d tokens (%.1f bytes/row), %d part(s) written; "
                       "per-part sums for the views: %.2f bytes/row, %.1fs",
                       result.sae_id, result.n_rows, result.n_tokens,

@@ -104,3 +104,15 @@ def checkpoint_publisher(out: str | os.PathLike, sae_ids: Iterable[str]
                          ) -> CheckpointPublisher | None:
     """A CheckpointPublisher for a warehouse at a URL; None for a local one (nothing to do)."""
     return CheckpointPublisher(out, sae_ids) if is_url(out) else None
+
+
+def part_publisher(out: str | os.PathLike, sae_ids: Iterable[str]
+                   ) -> Callable[[int], None] | None:
+    """An on_part callback for latent logging (mlsae.latents.write_latents) into a warehouse
+    at a URL: publishes each part as soon as it is written, so a worker killed mid-step
+    loses only the part in progress; None for a local warehouse (the part is already in
+    place)."""
+    if not is_url(out):
+        return None
+    ids = list(sae_ids)
+    return lambda _part: publish(out, ids, shared=False)
