@@ -132,8 +132,32 @@ def write_family_card(directory: Path, log: dict) -> Path:
     last = ", ".join(f"{v:.3f}" for v in evals[-3:])
     window = [t for t in log["eval_tokens"] if t >= log["eval_tokens"][-1] - 1_000_000]
     start = evals[len(evals) - len(window)]
-    steps, batch, seq = int(args["steps"]), int(args["batch"]), int(args["seq_len"])
+    phases = log.get("phases", [{"args": args, "seconds": log["seconds"],
+                                 "tokens_seen": log["tokens_seen"]}])
+    batch, seq = int(args["batch"]), int(args["seq_len"])
+    steps = sum(int(phase["args"]["steps"]) for phase in phases)
     shape = f"{layers}x{width}"
+    phase_intro = (f", in {len(phases)} phases (the second continues the first's saved weights, "
+                   "`--init-from`, with a fresh optimizer and schedule):" if len(phases) > 1
+                   else ".")
+    phase_lines = "\n".join(
+        f"  {'- phase ' + str(i + 1) + ': ' if len(phases) > 1 else ''}{int(ph['args']['steps']):,}"
+        f" steps, AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), lr "
+        f"{float(ph['args']['lr']):g}, {max(1, int(ph['args']['steps']) // 20)} warm-up steps, "
+        f"cosine decay to a tenth, gradient clipping 1.0, bf16 autocast with fp32 weights, seed "
+        f"{ph['args']['seed']}, {ph['args']['threads']} thread(s), {ph['seconds'] / 60:.0f} min."
+        for i, ph in enumerate(phases))
+    base = (f"python scripts/train_embedded_model.py --layers {layers} --width {width} "
+            f"--heads {heads} --tokenizer mlsae/embedded/model")
+    commands, parent = [], None
+    for i, ph in enumerate(phases):
+        target = (f"mlsae/embedded/family/{shape}" if i == len(phases) - 1
+                  else f"/tmp/{shape}-phase{i + 1}")
+        extra = (f" --init-from {parent}" if parent else "") + (
+            f" --lr {float(ph['args']['lr']):g} --seed {ph['args']['seed']}")
+        commands.append(f"{base} \\\n    --steps {int(ph['args']['steps'])}{extra} --out {target}")
+        parent = target
+    retrain = "\n".join(commands)
     text = f"""# Embedded model family: GPT-NeoX {shape}, pretrained on the embedded corpus
 
 A member of the embedded model family (the report's model-size axis; issue 14): the
@@ -156,10 +180,9 @@ same script, corpus, tokenizer and recipe as the default model
 - Data: the TRAIN split of the embedded corpus, {log["train_tokens_available"]:,} tokens,
   documents joined with `<|endoftext|>`, cut into {seq}-token sequences, shuffled each epoch.
 - {steps:,} steps x {batch} sequences x {seq} tokens = {log["tokens_seen"]:,} tokens seen
-  ({log["epochs"]:.2f} epochs). AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), lr
-  {float(args["lr"]):g}, {max(1, steps // 20)} warm-up steps, cosine decay to a tenth, gradient
-  clipping 1.0, bf16 autocast with fp32 weights, seed {args["seed"]}, {args["threads"]} thread(s).
-  Wall time {log["seconds"] / 60:.0f} minutes on a shared 2-core CPU.
+  ({log["epochs"]:.2f} epochs){phase_intro}
+{phase_lines}
+  Wall time {log["seconds"] / 60:.0f} minutes in total on a shared 2-core CPU.
 - Held-out loss of the saved weights (fp16, computed in fp32), the whole TEST split
   ({log["test_tokens"]:,} tokens): **{saved["heldout_loss_full_test"]:.4f} nats/token**
   (perplexity {math.exp(saved["heldout_loss_full_test"]):.0f}); on the first 64 test sequences
@@ -174,8 +197,7 @@ Over the last 1M tokens seen the held-out loss (96 test sequences) moved from {s
 
 ## Retrain
 ```bash
-python scripts/train_embedded_model.py --layers {layers} --width {width} --heads {heads} \\
-    --steps {steps} --tokenizer mlsae/embedded/model --out mlsae/embedded/family/{shape}
+{retrain}
 ```
 """
     path = directory / "README.md"
@@ -205,6 +227,10 @@ def main() -> None:
                              "--out (fp16 weights, fp32 compute) into its training_log.json")
     parser.add_argument("--family-card", action="store_true",
                         help="with --card-losses: also write a family member's README.md card")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue pretraining from this saved model's weights (fp16 as saved) "
+                             "with a fresh optimizer and a new warm-up + cosine schedule of "
+                             "--steps; the parent's training_log.json is kept as the first phase")
     parser.add_argument("--no-bf16", action="store_true",
                         help="train in plain fp32 (bf16 autocast is ~1.5x faster on CPU)")
     args = parser.parse_args()
@@ -242,7 +268,19 @@ def main() -> None:
 
     if args.width % args.heads or (args.width // args.heads) % 8:
         parser.error("--width / --heads must be a multiple of 8 (rotary on 25% of head dims)")
-    model = build_model(len(tokenizer), args.seed, args.layers, args.width, args.heads)
+    parent_log: dict | None = None
+    if args.init_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        parent_log = json.loads((args.init_from / "training_log.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        if (model.config.num_hidden_layers, model.config.hidden_size) != (args.layers, args.width):
+            parser.error(f"--init-from {args.init_from} is {model.config.num_hidden_layers}x"
+                         f"{model.config.hidden_size}, not --layers {args.layers} --width "
+                         f"{args.width}: pass the shape of the model you continue")
+        model.train()
+    else:
+        model = build_model(len(tokenizer), args.seed, args.layers, args.width, args.heads)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -263,6 +301,9 @@ def main() -> None:
     cursor = 0
     log: dict = {"step": [], "tokens": [], "train_loss": [], "eval_step": [], "eval_tokens": [],
                  "heldout_loss": []}
+    # A continuation counts steps and tokens after its parent's, so the curve is one line.
+    step0 = int(parent_log["step"][-1]) if parent_log else 0
+    token0 = int(parent_log["tokens_seen"]) if parent_log else 0
     running, t_start = None, time.time()
     for step in range(args.steps):
         if cursor + args.batch > len(order):  # new epoch, new order
@@ -278,19 +319,24 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        tokens = (step + 1) * args.batch * args.seq_len
-        log["step"].append(step + 1)
+        tokens = token0 + (step + 1) * args.batch * args.seq_len
+        log["step"].append(step0 + step + 1)
         log["tokens"].append(tokens)
         log["train_loss"].append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             held = heldout_loss(model, eval_BT)
-            log["eval_step"].append(step + 1)
+            log["eval_step"].append(step0 + step + 1)
             log["eval_tokens"].append(tokens)
             log["heldout_loss"].append(held)
-            rate = tokens / (time.time() - t_start)
+            rate = (tokens - token0) / (time.time() - t_start)
             print(f"step {step + 1}/{args.steps} tokens {tokens:,} train {running:.3f} "
                   f"held-out {held:.3f} lr {lr_at(step):.2e} {rate:,.0f} tok/s", flush=True)
 
+    if parent_log is not None:
+        log = {key: parent_log[key] + log[key] for key in log}
+        log["phases"] = parent_log.get("phases", [{"args": parent_log["args"],
+                                                   "seconds": parent_log["seconds"],
+                                                   "tokens_seen": parent_log["tokens_seen"]}])
     final_heldout = heldout_loss(model, test_BT)
     model.config.torch_dtype = "float16"
     model.half().save_pretrained(args.out, safe_serialization=True)
@@ -300,6 +346,10 @@ def main() -> None:
         "epochs": log["tokens"][-1] / train_ids.size, "final_heldout_loss_full_test": final_heldout,
         "seconds": time.time() - t_start, "args": {k: str(v) for k, v in vars(args).items()},
     })
+    if parent_log is not None:
+        log["phases"].append({"args": log["args"], "seconds": log["seconds"],
+                              "tokens_seen": log["tokens_seen"] - token0})
+        log["seconds"] = sum(phase["seconds"] for phase in log["phases"])
     (args.out / "training_log.json").write_text(json.dumps(log))
     plot_curve(log, args.out / "loss_curve.png", f"{args.layers}x{args.width}")
     print(f"done: held-out loss (full test split) {final_heldout:.4f}, {n_params:,} params")
