@@ -27,7 +27,8 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     with the tuned lens, a single-layer SAE per layer at the base config, and
     the R dose-response (--dose-R at --dose-k); every other --model gets the
     base-config MLSAE only, with the same budget (the cross-model section).
-    Then writes <out>/report/<first model>/report.md with its figures.
+    Then writes <out>/report/<first model>/report.md with its figures (--out
+    may be a bucket URL, s3://bucket/prefix, as for `mlsae run`).
     \b
     Examples:
       mlsae report                                   # embedded family (embedded first)
@@ -38,13 +39,18 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     Every step is cached in the warehouse: after a crash or Ctrl-C, rerun the
     same command and it continues; a finished grid only rewrites the report.
     """
+    from mlsae.paths import default_warehouse_location
     from mlsae.plan import check_report_plans, report_models, report_request
+    from mlsae.warehouse import check_writable, working_dir
 
     models = report_models(list(fields.pop("model") or []))
     parts = split_options(fields)
     request = build_request(preset, parts)
     request = fail_fast(report_request, preset, **request.given())
-    plans = fail_fast(check_report_plans, request, models, out)
+    where = out or default_warehouse_location()
+    fail_fast(check_writable, where)
+    # planned against the directory the run writes (a URL's local working copy)
+    plans = fail_fast(check_report_plans, request, models, str(working_dir(where)))
     if dry_run:
         print_plan(plans, as_json)
         return
@@ -59,8 +65,20 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")
     click.echo(f"Report: {result['report']}")
     if copy_to is not None:
-        target = Path(copy_to)
-        if target.exists():
-            shutil.rmtree(target)
+        copy_report(result, plans[0]["model"]["slug"], Path(copy_to))
+        click.echo(f"Copied to {copy_to}")
+
+
+def copy_report(result: dict, model_slug: str, target: Path) -> None:
+    """--copy-to: the report directory (report.md + figures) replaces `target`; from the
+    bucket (its committed files) for a warehouse at a URL."""
+    from mlsae.warehouse import is_url, report_prefix
+
+    if target.exists():
+        shutil.rmtree(target)
+    if not is_url(result["out"]):
         shutil.copytree(result["report_dir"], target)
-        click.echo(f"Copied to {target}")
+        return
+    from mlsae.warehouse.remote import download
+
+    download(result["out"], report_prefix(model_slug), target)

@@ -47,17 +47,6 @@ class PipelineResult(TypedDict):
     variance_summary: list[dict[str, Any]]
 
 
-def resolve_out(out: str | Path | None) -> Path:
-    """The warehouse directory: `out`, else $MLSAE_HOME, else ./mlsae-data (absolute), for
-    flows that write local directories only (a URL is refused). Created only once the
-    parameters are valid."""
-    from mlsae.paths import default_warehouse
-    from mlsae.warehouse import check_local
-
-    path = check_local(out).expanduser() if out else default_warehouse()
-    return path.resolve()
-
-
 def resolve_warehouse(out: str | Path | None) -> Path | str:
     """The warehouse: `out`, else $MLSAE_HOME, else ./mlsae-data: an absolute directory, or
     a URL (s3://bucket/prefix) written through a local working copy

@@ -2,7 +2,8 @@
 models) as a generated report.
 
     validate every model's grid (no compute) -> the pipeline's task graph per model ->
-    write-report (Markdown + PNG into <warehouse>/report/<first model>/, a Prefect artifact)
+    write-report (Markdown + PNG into <warehouse>/report/<first model>/, a Prefect artifact;
+    for a warehouse at a URL written in the worker's working copy and published to the bucket)
 
 The grid is a "star" around one base config (R0, k0): the MLSAE at every R in
 `expansion_factors` with k0, at every k in `ks` with R0, the base config in the
@@ -27,9 +28,10 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.options import report_command_line
-from flows.pipeline import bind_tasks, resolve_out, submit_model
+from flows.pipeline import bind_tasks, resolve_warehouse, submit_model
 from mlsae.plan import Budget, Grid, Target, check_report_plans, report_models, report_request
-from mlsae.warehouse import init_warehouse
+from mlsae.warehouse import working_dir
+from mlsae.warehouse.workspace import prepare_warehouse
 from tasks.common import ensure_gpu_limit, run_logger
 from tasks.report import ReportManifest, write_report
 
@@ -65,18 +67,20 @@ def report(
             base_expansion_factor), the base config (it also gets single-layer SAEs and,
             with lens "both", a tuned-lens MLSAE).
         budget: mlsae.plan.Budget, as for the pipeline.
-        out: the warehouse (default $MLSAE_HOME, else ./mlsae-data); the report goes to
-            <out>/report/<model>/report.md.
+        out: the warehouse: a directory or a URL such as s3://bucket/prefix (default
+            $MLSAE_HOME, else ./mlsae-data), as for the pipeline; the report goes to
+            <out>/report/<model>/report.md (for a URL, into the bucket).
         refresh: ignore cached task results (finished warehouse outputs are still reused).
         models: the report's models, the first with the star grid (default: target.model if
             given, else mlsae.plan.REPORT_MODELS, the embedded family).
     """
     start = time.time()
-    out_dir = resolve_out(out)
+    out_dir = resolve_warehouse(out)
     models = report_models(models, target)
     request = report_request(preset, target, grid, budget)
-    plans = check_report_plans(request, models, str(out_dir))
-    init_warehouse(out_dir)
+    # planned against the directory the run writes (for a URL: its working copy's disk)
+    plans = check_report_plans(request, models, str(working_dir(out_dir)))
+    prepare_warehouse(out_dir)
     ensure_gpu_limit()
     for plan in plans:
         run_logger().info("report: %d autoencoders on %s, %d training tokens per layer",

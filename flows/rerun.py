@@ -26,7 +26,7 @@ from typing import Any, TypedDict
 
 from prefect import flow
 
-from flows.pipeline import pipeline, resolve_out
+from flows.pipeline import pipeline, resolve_warehouse
 from flows.report import report
 from tasks.common import run_logger
 from tasks.validate import InvalidParameters, normalise_model_name
@@ -113,11 +113,12 @@ def read_variable(name: str | None) -> list[RegistryEntry]:
     return check_entries(value, f"Prefect Variable {name!r}")
 
 
-def models_with_results(out: Path) -> set[str]:
-    """Models of the `saes` table that have an evaluated autoencoder."""
-    from mlsae.warehouse import connect
+def models_with_results(out: Path | str) -> set[str]:
+    """Models of the `saes` table that have an evaluated autoencoder (for a warehouse at a
+    URL, the bucket's committed parts: an upload killed before its commit does not count)."""
+    from mlsae.warehouse import connect, is_url
 
-    if not out.is_dir():
+    if not is_url(out) and not Path(out).is_dir():
         return set()
     con = connect(out, read_only=True)
     try:
@@ -128,12 +129,16 @@ def models_with_results(out: Path) -> set[str]:
     return {row[0] for row in rows}
 
 
-def models_with_reports(out: Path, names: list[str]) -> set[str]:
-    """Those of `names` whose generated report exists in the warehouse."""
+def models_with_reports(out: Path | str, names: list[str]) -> set[str]:
+    """Those of `names` whose generated report exists in the warehouse (for a URL: is
+    committed in the bucket)."""
     from mlsae.plan import model_slug
-    from tasks.report import report_dir_for
+    from mlsae.warehouse import is_url, report_file, report_key
+    from mlsae.warehouse.remote import is_committed
 
-    return {n for n in names if (report_dir_for(out, model_slug(n)) / "report.md").exists()}
+    if is_url(out):
+        return {n for n in names if is_committed(out, report_key(model_slug(n)))}
+    return {n for n in names if report_file(out, model_slug(n)).exists()}
 
 
 def pipeline_deployment_exists(name: str = PIPELINE_DEPLOYMENT) -> bool:
@@ -187,7 +192,8 @@ def wait_for_runs(runs: list[tuple[str, Any]], poll_s: float = 5.0) -> dict[str,
     return final
 
 
-def pipeline_parameters(entry: RegistryEntry, out: Path, kind: str = "pipeline") -> dict[str, Any]:
+def pipeline_parameters(entry: RegistryEntry, out: Path | str, kind: str = "pipeline"
+                        ) -> dict[str, Any]:
     """The flow's parameters for one registry entry: `parameters` may name the request's
     parts (preset, target, grid, budget) or their fields directly (e.g. ks: [32])."""
     from mlsae.plan import nest_fields
@@ -210,7 +216,10 @@ def rerun(registry: str = DEFAULT_REGISTRY, variable: str = REGISTRY_VARIABLE,
         registry: YAML file listing models (relative: working directory, then the repo).
             Empty string: only the Prefect Variable.
         variable: Prefect Variable holding more entries (JSON list); empty: none.
-        out: the warehouse whose `saes` table is checked and written.
+        out: the warehouse whose `saes` table is checked and written: a directory or a
+            URL such as s3://bucket/prefix (default $MLSAE_HOME, else ./mlsae-data); for a
+            URL the bucket's committed `saes` and `layer_metrics` parts are compared, and
+            the runs started write into the bucket.
         use_deployment: run the pipeline deployment (True), a subflow (False), or decide:
             the deployment when this flow itself runs from a deployment and it exists.
         wait: wait for deployment runs to finish (they are linked as subflows either way).
@@ -223,7 +232,7 @@ def rerun(registry: str = DEFAULT_REGISTRY, variable: str = REGISTRY_VARIABLE,
         raise InvalidParameters(f"kind {kind!r}: use one of {', '.join(KINDS)}")
     deployment_name, subflow = KINDS[kind]
     logger = run_logger()
-    out_dir = resolve_out(out)
+    out_dir = resolve_warehouse(out)
     entries = read_registry(registry) + read_variable(variable)
     by_model: dict[str, RegistryEntry] = {}
     for entry in entries:  # a later entry for the same model wins (the Variable over the file)

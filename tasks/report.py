@@ -32,13 +32,17 @@ def report_dir_for(out: str | Path, model_slug: str) -> Path:
 
 
 def _model_inputs(plan: Plan, out: str) -> dict:
-    """Where a model's residual sample comes from (its cache, else a stream) and its size."""
+    """Where a model's residual sample comes from (its cache on this worker, else a stream)
+    and its size."""
     from mlsae.plan import extract_config, run_settings
     from mlsae.report import count_parameters
 
     settings = run_settings(plan)
-    cached = plan["training_source"] == "cache"
-    return dict(cache_dir=str(cache_dir_for(out, extract_config(settings))) if cached else None,
+    cache = cache_dir_for(out, extract_config(settings))
+    # a warehouse at a URL keeps the cache on the worker that extracted it: another
+    # worker writing the report streams the sample instead
+    cached = plan["training_source"] == "cache" and cache.exists()
+    return dict(cache_dir=str(cache) if cached else None,
                 extract=None if cached else extract_config(settings, tokens=4096),
                 n_params=count_parameters(plan["model"]["source"]))
 
@@ -51,7 +55,28 @@ def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
                  family_analyses: list[AnalysisManifest] | None = None) -> ReportManifest:
     """Rewrite <out>/report/<model>/report.md from the warehouse (never cached: it is cheap
     and must reflect the warehouse as it is now). `family`: the other models' plans (one
-    base-config MLSAE each); their figures and analyses are awaited, not read."""
+    base-config MLSAE each); their figures and analyses are awaited, not read. For a
+    warehouse at a URL the report is written in the working copy (the autoencoders, the
+    model's figures and the report's ledger pulled from the bucket first) and published."""
+    from mlsae import warehouse
+    from mlsae.warehouse.workspace import workspace
+
+    model = plan["model"]
+    ids = [s["sae_id"] for p in (plan, *(family or [])) for s in p["specs"]]
+    with workspace(out, ids, write=False, shared=(warehouse.report_prefix(model["slug"]),
+                                                  warehouse.figures_prefix(model["slug"]))):
+        result, target = _write(plan, base, figures, command, started_at, out, out_arg, family)
+    report = warehouse.public_path(out, result.report)
+    _link(report, result.report.read_text(), model["name"])
+    return ReportManifest(report=report, report_dir=warehouse.public_path(out, target),
+                          figures=[warehouse.public_path(out, p) for p in result.figures])
+
+
+def _write(plan: Plan, base: tuple[int, int], figures: FiguresManifest, command: str,
+           started_at: float, out: str, out_arg: str | None, family: list[Plan] | None):
+    """Write the report into the warehouse's (working) directory: (its ReportOutput, its
+    directory)."""
+    from mlsae import warehouse
     from mlsae.report import GridEntry, ModelEntry, ReportInputs
     from mlsae.report import write_report as build
 
@@ -63,31 +88,33 @@ def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
                          base_id=next(s["sae_id"] for s in p["specs"] if s["role"] == "mlsae"),
                          **_model_inputs(p, out)) for p in family or []]
     inputs = ReportInputs(
-        warehouse=Path(out), model=model["name"], data=plan["data"],
-        n_layers=len(plan["layers"]), d_model=model["d_model"],
+        warehouse=out if warehouse.is_url(out) else Path(out), model=model["name"],
+        data=plan["data"], n_layers=len(plan["layers"]), d_model=model["d_model"],
         grid=[GridEntry(sae_id=s["sae_id"], role=s["role"], expansion_factor=s["expansion_factor"],
                         k=s["k"], lens=s["lens"], layers=list(s["layers"]),
                         run_dir=str(autoencoder_dir(out, s["sae_id"]))) for s in plan["specs"]],
         base_id=base_id, train_tokens=plan["train_tokens"], eval_tokens=plan["eval_tokens"],
         seq_len=plan["seq_len"], lr=plan["lr"],
         batch_tokens=min(plan["batch_tokens"], plan["train_tokens"]), command=command,
-        warehouse_arg=out_arg, pipeline_figures=list(figures["figures"]),
+        warehouse_arg=out_arg,
+        pipeline_figures=[str(warehouse.local_path(out, p)) for p in figures["figures"]],
         family=others, dose_k=plan["request"]["grid"].get("dose_k"), started_at=started_at,
         device=plan["device"], **_model_inputs(plan, out))
-    target = report_dir_for(out, model["slug"])
+    target = report_dir_for(warehouse.working_dir(out), model["slug"])
     start = time.perf_counter()
     result = build(inputs, target)
     run_logger().info("report: %s (%d figures, %.1f s); finding 3 across %d models: %s",
                       result.report, len(result.figures), time.perf_counter() - start,
                       len(inputs.models), result.verdicts.family.status)
-    _link(result.report, model["name"])
-    return ReportManifest(report=str(result.report), report_dir=str(target),
-                          figures=[str(p) for p in result.figures])
+    return result, target
 
 
-def _link(report: Path, model: str) -> None:
-    """The report as a Markdown artifact; its figures as file:// links to the warehouse."""
-    text = report.read_text().replace("](figures/", f"](file://{report.parent}/figures/")
+def _link(report: str, text: str, model: str) -> None:
+    """The report as a Markdown artifact; its figures as links into the warehouse (file://
+    for a directory, the objects' URLs for a bucket)."""
+    folder = report.rsplit("/", 1)[0]
+    base = folder if "://" in folder else f"file://{folder}"
+    text = text.replace("](figures/", f"]({base}/figures/")
     try:
         create_markdown_artifact(markdown=text, key=artifact_key(f"report-{model}"),
                                  description=f"MLSAE report for {model}: {report}")

@@ -104,8 +104,8 @@ def test_sql_refuses_a_directory_that_is_not_a_warehouse(bad_inputs):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    # runs write to a bucket (tests/test_warehouse_s3_write.py); the report does not yet
-    (("report", "--out", "s3://bucket/wh", "--dry-run"), {}, "is a URL"),
+    # runs and reports write to a bucket (tests/test_warehouse_s3_write.py,
+    # tests/test_report_rerun_s3.py); gc and serve do not yet
     (("gc",), {"MLSAE_HOME": "s3://bucket/wh"}, "is a URL"),
     (("gc", "--out", "s3://bucket/wh"), {}, "is a URL"),
     (("serve", "--out", "s3://bucket/wh"), {}, "is a URL"),

@@ -12,8 +12,9 @@ from typing import NamedTuple
 from mlsae.report import facts, sections, verdicts
 from mlsae.report.inputs import ReportInputs
 from mlsae.report.markdown import Page
+from mlsae.warehouse.layout import REPORT_FILE
 
-REPORT_NAME = "report.md"
+REPORT_NAME = REPORT_FILE
 LEDGER_NAME = "runs.json"
 
 

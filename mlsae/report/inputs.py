@@ -64,8 +64,9 @@ class ModelEntry:
 class ReportInputs:
     """Everything the report reads besides the warehouse's tables."""
 
-    warehouse: Path
-    """The warehouse the pipeline filled (tables, autoencoders, caches)."""
+    warehouse: Path | str
+    """The warehouse the pipeline filled, whose tables the report reads: a directory, or a
+    URL (s3://bucket/prefix; read through its local mirror, committed parts only)."""
     model: str
     """The first model: the one with the full star grid."""
     data: str

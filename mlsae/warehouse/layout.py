@@ -58,9 +58,9 @@ def check_local(where: str | os.PathLike) -> Path:
     if is_url(where):
         raise WarehouseError(
             f"{str(where)!r} is a URL, but this works on a local warehouse directory only: "
-            "use a local path (`mlsae run`, `mlsae sweep`, `mlsae import`, `mlsae sql` and the "
-            "pipeline, sweep and import flows take a bucket URL; this command does not); "
-            "nothing was written")
+            "use a local path (`mlsae run`, `mlsae sweep`, `mlsae report`, `mlsae import`, "
+            "`mlsae sql` and the pipeline, sweep, report, rerun and import flows take a bucket "
+            "URL; this command does not); nothing was written")
     return Path(where)
 
 
@@ -164,6 +164,30 @@ def figures_dir(warehouse_dir: str | os.PathLike, model_slug: str | None = None)
 def report_dir(warehouse_dir: str | os.PathLike, model_slug: str) -> Path:
     """A model's generated report (report.md and its figures)."""
     return _root(warehouse_dir) / REPORT_DIR / model_slug
+
+
+REPORT_FILE = "report.md"
+
+
+def report_prefix(model_slug: str) -> str:
+    """A model's report directory relative to the warehouse (what a worker pulls from the
+    bucket before rewriting the report: its ledger of runs)."""
+    return f"{REPORT_DIR}/{model_slug}/"
+
+
+def report_key(model_slug: str) -> str:
+    """A model's report.md relative to the warehouse (its object in a bucket)."""
+    return report_prefix(model_slug) + REPORT_FILE
+
+
+def figures_prefix(model_slug: str | None = None) -> str:
+    """A model's figures directory relative to the warehouse (None: every figure)."""
+    return f"{FIGURES_DIR}/{model_slug}/" if model_slug else f"{FIGURES_DIR}/"
+
+
+def report_file(warehouse_dir: str | os.PathLike, model_slug: str) -> Path:
+    """A model's report.md."""
+    return report_dir(warehouse_dir, model_slug) / REPORT_FILE
 
 
 def results_dir(warehouse_dir: str | os.PathLike) -> Path | str:

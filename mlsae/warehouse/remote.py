@@ -310,3 +310,40 @@ def clean_debris(where: str | os.PathLike, sae_ids: Iterable[str]) -> list[str]:
     if debris:
         store.fs.rm([store.key(rel) for rel in debris])
     return debris
+
+
+def is_committed(where: str | os.PathLike, relative: str) -> bool:
+    """Whether the file `relative` (to the warehouse at URL `where`) is visible: listed by
+    the commit of its unit, with the object still carrying the committed size and ETag (an
+    upload killed before its commit is not)."""
+    unit = publish_unit(relative)
+    if unit is None:
+        return False
+    store = open_store(where)
+    commit = read_commits(store, lambda name: name == unit).get(unit)
+    if commit is None or relative not in commit.files:
+        return False
+    return is_intact(commit, store.listing(relative.rsplit("/", 1)[0] + "/"))
+
+
+def download(where: str | os.PathLike, relative_prefix: str, target: str | os.PathLike
+             ) -> list[Path]:
+    """Copy the committed files under `relative_prefix` (e.g. layout.report_prefix) of the
+    warehouse at URL `where` into the local directory `target`, keeping their paths below
+    the prefix. Returns the files written."""
+    store, target = open_store(where), Path(target)
+    prefix = relative_prefix.rstrip("/") + "/"
+    listing = store.listing(prefix)
+    units = {publish_unit(rel) for rel in listing}
+    written = []
+    for commit in read_commits(store, lambda unit: unit in units).values():
+        if not is_intact(commit, listing):
+            continue
+        for rel in sorted(commit.files):
+            if not rel.startswith(prefix):
+                continue
+            local = target / rel[len(prefix):]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            store.fs.get_file(store.key(rel), str(local))
+            written.append(local)
+    return written

@@ -45,9 +45,12 @@ def prepare_warehouse(out: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def workspace(out: str | os.PathLike, sae_ids: Iterable[str] = (), *, write: bool = True,
+              shared: Iterable[str] = (),
               log: Callable[[str], None] | None = None) -> Iterator[Path]:
     """The local directory to work in (see the module's docstring). write=False: only pull
-    (a step that reads the autoencoders and writes shared files, e.g. figures)."""
+    (a step that reads the autoencoders and writes shared files, e.g. figures or a report).
+    shared: more prefixes of shared files to pull besides the lenses (layout.report_prefix,
+    layout.figures_prefix)."""
     local = working_dir(out)
     if not is_url(out):
         yield local
@@ -60,7 +63,7 @@ def workspace(out: str | os.PathLike, sae_ids: Iterable[str] = (), *, write: boo
             for sae_id in ids:  # in one order everywhere: two steps never wait on each other
                 leases.enter_context(holding(out, f"sae-{sae_id}", log=say))
         # a step that only reads the autoencoders needs their weights, not their tables
-        pull(out, ids, shared_prefixes=(LENSES_DIR + "/",),
+        pull(out, ids, shared_prefixes=(LENSES_DIR + "/", *shared),
              sae_prefix="" if write else AUTOENCODERS_DIR + "/")
         try:
             yield local
