@@ -97,6 +97,7 @@ def visible(url: str, sae_id: str) -> list[str]:
 
 def test_a_killed_worker_keeps_its_finished_parts_and_the_rerun_logs_only_the_rest(
         s3_env, tmp_path, monkeypatch):
+    from mlsae.warehouse.remote import is_committed
     from mlsae.warehouse.workspace import part_publisher, workspace
 
     url, sae_id = f"s3://{BUCKET}/killed", "synthetic-parts"
@@ -107,6 +108,7 @@ def test_a_killed_worker_keeps_its_finished_parts_and_the_rerun_logs_only_the_re
     assert worker.returncode == -signal.SIGKILL, worker.stderr[-3000:]
     parts = [f"latents/sae_id={sae_id}/part-{i:05d}.parquet" for i in range(4)]
     assert visible(url, sae_id) == parts[:2]
+    assert [is_committed(url, part) for part in parts] == [True, True, False, False]
 
     monkeypatch.setenv("MLSAE_SCRATCH", str(tmp_path / "machine-b"))
     with workspace(url, [sae_id]) as local:

@@ -323,7 +323,10 @@ def is_committed(where: str | os.PathLike, relative: str) -> bool:
     commit = read_commits(store, lambda name: name == unit).get(unit)
     if commit is None or relative not in commit.files:
         return False
-    return is_intact(commit, store.listing(relative.rsplit("/", 1)[0] + "/"))
+    # a unit may span directories (a logged part has a file in each of five tables)
+    folders = {rel.rsplit("/", 1)[0] + "/" for rel in commit.files}
+    listing = {rel: info for folder in folders for rel, info in store.listing(folder).items()}
+    return is_intact(commit, listing)
 
 
 def download(where: str | os.PathLike, relative_prefix: str, target: str | os.PathLike
