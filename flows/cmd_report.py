@@ -52,13 +52,13 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     # planned against the directory the run writes (a URL's local working copy)
     plans = fail_fast(check_report_plans, request, models, str(working_dir(where)))
     if dry_run:
-        print_plan(plans, as_json)
+        print_plan(plans, as_json, where=where)
         return
     from flows.cmd_run import print_start
     from flows.report import report
 
     for plan in plans:
-        print_start(plan)
+        print_start(plan, where)
     start = time.perf_counter()
     result = call_flow(report, preset=preset, **request.given(), models=models, out=out,
                        refresh=refresh)

@@ -19,11 +19,20 @@ from flows.options import build_request, run_options, split_options
 from flows.session import call_flow, fail_fast
 
 
-def print_plan(plans: list, as_json: bool, probe: bool = True) -> None:
-    """--dry-run: the plan(s) and their estimated cost; nothing is written."""
+def _trained(plan: dict, where) -> set[str]:
+    """The plan's autoencoders already trained in the warehouse `where` (None: none)."""
+    from mlsae.warehouse.remote import trained_autoencoders
+
+    return trained_autoencoders(where, [s["sae_id"] for s in plan["specs"]]) if where else set()
+
+
+def print_plan(plans: list, as_json: bool, probe: bool = True, where=None) -> None:
+    """--dry-run: the plan(s) and their estimated cost; nothing is written. where: the
+    warehouse, whose finished training is not counted again."""
     from mlsae.estimate import estimate_plan, format_estimate
 
-    estimates = [fail_fast(estimate_plan, plan, probe=probe) for plan in plans]
+    estimates = [fail_fast(estimate_plan, plan, probe=probe, trained=_trained(plan, where))
+                 for plan in plans]
     if as_json:
         click.echo(json.dumps(estimates[0] if len(estimates) == 1 else
                               {"models": estimates}, indent=1))
@@ -32,11 +41,12 @@ def print_plan(plans: list, as_json: bool, probe: bool = True) -> None:
             click.echo(format_estimate(estimate))
 
 
-def print_start(plan: dict) -> None:
+def print_start(plan: dict, where=None) -> None:
     """What the run will cost (the dry run's estimate, probed), before it starts."""
     from mlsae.estimate import estimate_plan, format_estimate
 
-    click.echo(format_estimate(fail_fast(estimate_plan, plan), dry_run=False), err=True)
+    estimate = fail_fast(estimate_plan, plan, trained=_trained(plan, where))
+    click.echo(format_estimate(estimate, dry_run=False), err=True)
 
 
 def print_caches(out: str) -> None:
@@ -118,9 +128,9 @@ def command(preset, out, refresh, dry_run, as_json, **fields) -> None:
     # planned against the directory the run writes (a URL's local working copy)
     plan = fail_fast(make_plan, request, working_dir(where))
     if dry_run:
-        print_plan([plan], as_json)
+        print_plan([plan], as_json, where=where)
         return
-    print_start(plan)
+    print_start(plan, where)
     from flows.pipeline import pipeline
 
     start = time.perf_counter()

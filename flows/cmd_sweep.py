@@ -51,7 +51,7 @@ def command(preset, out, refresh, dry_run, as_json, task_runner, max_workers, ru
     # planned against the directory the runs write (a URL's local working copy)
     plans = fail_fast(plan_sweep, models, preset, **request.given(), out=str(working_dir(where)))
     if dry_run:
-        print_plan(plans, as_json)
+        print_plan(plans, as_json, where=where)
         return
     from flows.cmd_run import print_example_queries, print_outputs, print_start
     from flows.sweep import sweep

@@ -12,6 +12,7 @@ orchestration cost per task covers Prefect and model loading.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from mlsae.plan import (
@@ -93,8 +94,10 @@ def _probe_sae_step(plan: Plan, spec: dict[str, Any]) -> float:
     return min(times[1:]) / rows
 
 
-def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
-    """The plan's cost as one JSON-able dict (what `--dry-run --json` prints)."""
+def estimate_plan(plan: Plan, probe: bool = True, trained: Iterable[str] = ()) -> dict[str, Any]:
+    """The plan's cost as one JSON-able dict (what `--dry-run --json` prints). trained: the
+    plan's autoencoders already trained in the warehouse (warehouse.trained_autoencoders):
+    a rerun does not train them again, so their training is not counted."""
     model = plan["model"]
     n_layers, d_model = len(plan["layers"]), model["d_model"]
     eval_seqs = -(-plan["eval_tokens"] // plan["seq_len"])
@@ -120,6 +123,7 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
         "latents_bytes": disk.get("latents", 0), "disk_free_bytes": disk.get("free"),
         "corpus_tokens": plan.get("corpus_tokens") or {}, "notes": list(plan.get("notes") or []),
         "saes": [dict(s) for s in plan["specs"]],
+        "already_trained": sorted(set(trained) & {s["sae_id"] for s in plan["specs"]}),
         "estimated_seconds": None, "stages_seconds": None, "probe": None,
     }
     if not probe:
@@ -130,10 +134,12 @@ def estimate_plan(plan: Plan, probe: bool = True) -> dict[str, Any]:
         key = (spec["n_latents"], spec["k"], len(spec["layers"]))
         if key not in s_per_example:
             s_per_example[key] = _probe_sae_step(plan, spec)
-    forward_s = forward_tokens(plan) * s_per_token
+    # the model runs for training only while some autoencoder still trains
+    all_trained = len(estimate["already_trained"]) == len(plan["specs"])
+    forward_s = 0.0 if all_trained else forward_tokens(plan) * s_per_token
     train_s = sum(plan["train_tokens"] * len(s["layers"])
                   * s_per_example[(s["n_latents"], s["k"], len(s["layers"]))]
-                  for s in plan["specs"])
+                  for s in plan["specs"] if s["sae_id"] not in estimate["already_trained"])
     # Evaluation: one clean pass to the logits, shared by every autoencoder, then each
     # autoencoder's splices (splice_flops), timed at the capture pass's seconds per flop.
     d, blocks = model["d_model"], model["n_layers"]
@@ -217,11 +223,15 @@ def format_estimate(e: dict[str, Any], dry_run: bool = True) -> str:
         lines.append(f"  data: ~{corpus['train']:,} training and ~{corpus['test']:,} held-out "
                      "tokens")
     lines += [f"  note: {note}" for note in e.get("notes") or []]
-    lines.append(f"  {len(e['saes'])} autoencoder(s):")
+    done = set(e.get("already_trained") or [])
+    lines.append(f"  {len(e['saes'])} autoencoder(s)"
+                 + (f", {len(done)} already trained in this warehouse (their training is not "
+                    "counted below)" if done else "") + ":")
     for s in e["saes"]:
         lines.append(f"    {s['sae_id']}: {s['role']}, R {s['expansion_factor']} "
                      f"({s['n_latents']:,} latents), k {s['k']}, layers {s['layers']}"
-                     f"{', tuned lens' if s['lens'] else ''}")
+                     f"{', tuned lens' if s['lens'] else ''}"
+                     f"{' (trained)' if s['sae_id'] in done else ''}")
     if e["estimated_seconds"] is not None:
         stages = ", ".join(f"{k.replace('_', ' ')} {format_duration(v)}"
                            for k, v in e["stages_seconds"].items())

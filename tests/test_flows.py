@@ -179,6 +179,17 @@ def test_streaming_pipeline_trains_every_autoencoder_in_one_pass(prefect_api, tm
         assert table_rows(out, f"SELECT count(*) FROM {view} WHERE sae_id = '{mlsae_id}'")[0][0]
     assert table_rows(out, "SELECT count(DISTINCT sae_id) FROM layer_metrics")[0][0] == 4
     assert {Path(p).name for p in result["figures"]} >= set(MODEL_FIGURES) | set(MLSAE_FIGURES)
+    # The rerun's estimate does not count the training that is done.
+    from mlsae.warehouse.remote import trained_autoencoders
+
+    plan = make_plan(RunRequest(**params))
+    trained = trained_autoencoders(out, [s["sae_id"] for s in plan["specs"]])
+    assert trained == set(result["sae_ids"])
+    again = estimate_plan(plan, trained=trained)
+    assert again["already_trained"] == sorted(trained)
+    assert again["stages_seconds"]["train_sae_steps"] == 0
+    assert again["stages_seconds"]["extract_or_stream_forward"] == 0
+    assert again["estimated_seconds"] < estimate["estimated_seconds"]
 
 
 def test_pipeline_in_the_tuned_lens_basis(prefect_api, tmp_path):

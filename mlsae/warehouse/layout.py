@@ -215,6 +215,16 @@ def autoencoder_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
     return _root(warehouse_dir) / AUTOENCODERS_DIR / check_sae_id(sae_id)
 
 
+TRAINED_WEIGHTS_DIR = "sae"
+"""Inside autoencoder_dir: the trained weights (config.json + model.safetensors), written
+when training finishes (mlsae.sae.train.SAE_DIR is the same name)."""
+
+
+def trained_weights_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
+    """<warehouse>/autoencoders/<id>/sae: the finished autoencoder's weights."""
+    return autoencoder_dir(warehouse_dir, sae_id) / TRAINED_WEIGHTS_DIR
+
+
 # --------------------------------------------------------------------------- is it a warehouse?
 
 WAREHOUSE_MARKER = ".mlsae-warehouse"

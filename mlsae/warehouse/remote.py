@@ -31,12 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from mlsae.warehouse.layout import (
+    AUTOENCODERS_DIR,
     COMMITS_DIR,
     PUBLISH_STATE,
     TEMP_DIR,
+    TRAINED_WEIGHTS_DIR,
     commit_key,
+    is_url,
     publish_unit,
     sae_prefixes,
+    trained_weights_dir,
     unit_complete,
     unit_sae_id,
     warehouse_location,
@@ -350,3 +354,13 @@ def download(where: str | os.PathLike, relative_prefix: str, target: str | os.Pa
             store.fs.get_file(store.key(rel), str(local))
             written.append(local)
     return written
+
+
+def trained_autoencoders(where: str | os.PathLike, sae_ids: Iterable[str]) -> set[str]:
+    """Those of `sae_ids` whose training has finished in the warehouse: their weights are
+    saved (for a URL: committed in the bucket). What a cost estimate need not count again."""
+    ids = set(sae_ids)
+    if not is_url(where):
+        return {i for i in ids if (trained_weights_dir(where, i) / "config.json").exists()}
+    units = {f"{AUTOENCODERS_DIR}/{i}/{TRAINED_WEIGHTS_DIR}": i for i in ids}
+    return {units[unit] for unit in read_commits(open_store(where), lambda u: u in units)}
