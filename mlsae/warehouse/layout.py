@@ -19,7 +19,8 @@ A warehouse at a URL (s3://bucket/prefix) has the same layout in the bucket, plu
     <warehouse>/.leases/<name>.json              who is writing an autoencoder now
 
 and is written through a local working copy (scratch_dir: the activation caches stay
-there), whose finished units mlsae.warehouse.remote publishes.
+there, unless shared: Budget.shared_cache), whose finished units mlsae.warehouse.remote
+publishes.
 
 Every other module asks this one for a location instead of joining paths itself.
 """
@@ -123,8 +124,17 @@ AUTOENCODERS_DIR = "autoencoders"
 
 def activation_cache_dir(warehouse_dir: str | os.PathLike, key: str) -> Path:
     """Where the activation cache with this key (mlsae.extract.cache_key) lives: in the
-    warehouse, or for a URL in this worker's working copy (never uploaded)."""
+    warehouse, or for a URL in this worker's working copy (uploaded only with
+    Budget.shared_cache: mlsae.warehouse.workspace.sharing_activation_cache)."""
     return working_dir(warehouse_dir) / ACTIVATIONS_DIR / key
+
+
+def activation_cache_prefix(key: str) -> str:
+    """An activation cache's directory relative to the warehouse (its objects' prefix in a
+    bucket, when the cache is shared)."""
+    if not key or "/" in key or key.startswith("."):
+        raise ValueError(f"activation cache key {key!r}: a directory name (extract.cache_key)")
+    return f"{ACTIVATIONS_DIR}/{key}/"
 
 
 def activation_caches(warehouse_dir: str | os.PathLike) -> list[Path]:
@@ -349,14 +359,28 @@ _NEVER_PUBLISHED = (ACTIVATIONS_DIR + "/", TEMP_DIR + "/", ".prefect/", COMMITS_
                     LEASES_DIR + "/")
 
 
-def publish_unit(relative: str) -> str | None:
+_CACHE_FILE = re.compile(rf"^{ACTIVATIONS_DIR}/(?P<key>[^/.][^/]*)/(?:(?P<shard>shard-\d+)"
+                         r"\.[a-z]+\.npy|(?P<manifest>manifest\.json))$")
+
+
+def publish_unit(relative: str, caches: bool = False) -> str | None:
     """The unit a file of the working copy is published in (its files become visible
     together, by one commit object), or None for files that stay local (caches, temp
     files, locks, the Prefect results, which go to the bucket directly).
 
     A logged part's five files (tokens, latents and the three sums) form one unit, so a
     reader never sees a part without its sums; an autoencoder's saved weights (sae/) form
-    one; every other file is a unit of its own."""
+    one; every other file is a unit of its own.
+
+    caches=True (a shared activation cache, Budget.shared_cache): the files of
+    activations/<key>/ are units too: a shard's three arrays form one, the cache's
+    manifest.json another (published after the shards it lists: publish_order)."""
+    if caches and relative.startswith(ACTIVATIONS_DIR + "/"):
+        found = _CACHE_FILE.match(relative)
+        if found is None:
+            return None  # temp files of the cache writer, anything else
+        return (f"{ACTIVATIONS_DIR}/{found['key']}/"
+                f"{found['shard'] or found['manifest']}")
     name = relative.rsplit("/", 1)[-1]
     if relative.startswith(_NEVER_PUBLISHED) or name.endswith(".lock") \
             or (name.startswith(".") and relative != WAREHOUSE_MARKER):
@@ -374,11 +398,21 @@ def unit_complete(unit: str, relatives: list[str]) -> bool:
     """Whether a unit's local files are all there (a part needs its five tables' files,
     the weights their config and tensors); incomplete units are not published."""
     names = {r.rsplit("/", 1)[-1] for r in relatives}
+    if unit.startswith(ACTIVATIONS_DIR + "/") and unit.rsplit("/", 1)[-1].startswith("shard-"):
+        from mlsae.cache import ARRAYS  # the cache's own list of a shard's arrays
+
+        return len(relatives) == len(ARRAYS)
     if unit.startswith("parts/"):
         return len(relatives) == len(PART_TABLES)
     if unit.startswith(AUTOENCODERS_DIR + "/") and unit.endswith("/sae"):
         return "config.json" in names and any(n.endswith(".safetensors") for n in names)
     return bool(relatives)
+
+
+def publish_order(unit: str) -> tuple[bool, str]:
+    """Sort key of the units one publish commits: an activation cache's manifest after its
+    shards, so a worker that pulls a manifest finds every shard it lists committed."""
+    return (unit.startswith(ACTIVATIONS_DIR + "/") and unit.endswith("/manifest.json"), unit)
 
 
 def unit_sae_id(unit: str) -> str | None:

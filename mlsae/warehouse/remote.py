@@ -38,6 +38,7 @@ from mlsae.warehouse.layout import (
     TRAINED_WEIGHTS_DIR,
     commit_key,
     is_url,
+    publish_order,
     publish_unit,
     sae_prefixes,
     trained_weights_dir,
@@ -130,9 +131,12 @@ def writer_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def read_commits(store: Store, wanted=lambda unit: True) -> dict[str, Commit]:
-    """The commits of the units `wanted(unit)` accepts, by unit."""
-    keys = [store.key(rel) for rel in store.listing(COMMITS_DIR)
+def read_commits(store: Store, wanted=lambda unit: True, under: tuple[str, ...] = ("",)
+                 ) -> dict[str, Commit]:
+    """The commits of the units `wanted(unit)` accepts, by unit; under: list only the
+    commits of units whose names start with one of these (one listing each)."""
+    listed = {rel for prefix in under for rel in store.listing(f"{COMMITS_DIR}/{prefix}")}
+    keys = [store.key(rel) for rel in sorted(listed)
             if rel.endswith(".json") and wanted(rel[len(COMMITS_DIR) + 1:-len(".json")])]
     if not keys:
         return {}
@@ -205,38 +209,41 @@ def _belongs(unit: str, sae_ids: set[str], shared: bool) -> bool:
     return owner in sae_ids if owner is not None else shared
 
 
-def local_units(local: Path) -> dict[str, list[str]]:
-    """{unit: its files relative to the working copy} of every publishable file."""
+def local_units(local: Path, prefix: str = "", caches: bool = False) -> dict[str, list[str]]:
+    """{unit: its files relative to the working copy} of every publishable file (under the
+    directory `prefix`, e.g. "activations/<key>/"; caches: layout.publish_unit's)."""
     units: dict[str, list[str]] = defaultdict(list)
-    for dirpath, dirnames, filenames in os.walk(local):
+    for dirpath, dirnames, filenames in os.walk(local / prefix):
         rel_dir = Path(dirpath).relative_to(local).as_posix()
         if rel_dir == ".":
             rel_dir = ""
-        dirnames[:] = [d for d in dirnames if publish_unit(f"{rel_dir}/{d}/x".lstrip("/"))]
+        dirnames[:] = [d for d in dirnames if caches or publish_unit(f"{rel_dir}/{d}/x".lstrip("/"))]
         for name in filenames:
             rel = f"{rel_dir}/{name}".lstrip("/")
-            unit = publish_unit(rel)
+            unit = publish_unit(rel, caches)
             if unit is not None:
                 units[unit].append(rel)
     return dict(units)
 
 
 def publish(where: str | os.PathLike, sae_ids: Iterable[str] = (), *, shared: bool = True,
-            log=None) -> list[str]:
+            prefix: str = "", caches: bool = False, log=None) -> list[str]:
     """Upload the finished units of the working copy that the bucket lacks or holds in
     another version: those of `sae_ids`, and (shared=True) the files of no autoencoder
     (figures, lenses, setup.sql, the marker). Each unit's data objects first, then its
-    commit. Returns the units committed."""
+    commit. prefix: only the files under this directory (relative to the warehouse);
+    caches: the activation caches' files too (layout.publish_unit; a shared cache is
+    published with prefix="activations/<key>/"). Returns the units committed."""
     local, store, ids = working_dir(where), open_store(where), set(sae_ids)
     delay = float(os.environ.get(PUBLISH_DELAY_ENV) or 0)
     committed = []
     with _locked(local) as state:
-        units = {u: sorted(rels) for u, rels in local_units(local).items()
+        units = {u: sorted(rels) for u, rels in local_units(local, prefix, caches).items()
                  if _belongs(u, ids, shared) and unit_complete(u, rels)}
         if not units:
             return []
-        remote = read_commits(store, lambda unit: unit in units)
-        for unit, rels in sorted(units.items()):
+        remote = read_commits(store, lambda unit: unit in units, under=(prefix,))
+        for unit, rels in sorted(units.items(), key=lambda item: publish_order(item[0])):
             md5s = {rel: _local_md5(local, rel, state) for rel in rels}
             old = remote.get(unit)
             if old is not None and set(old.files) == set(rels) \
@@ -280,7 +287,9 @@ def pull(where: str | os.PathLike, sae_ids: Iterable[str] = (), *,
 
     pulled = []
     with _locked(local) as state:
-        commits = read_commits(store, wanted)
+        # only shared prefixes wanted: list only their commits
+        commits = read_commits(store, wanted, under=shared_prefixes if shared_prefixes and not ids
+                               else ("",))
         for unit, commit in sorted(commits.items()):
             todo = [rel for rel, v in commit.files.items()
                     if not ((local / rel).exists() and _local_md5(local, rel, state) == v.md5)]
@@ -302,15 +311,18 @@ def pull(where: str | os.PathLike, sae_ids: Iterable[str] = (), *,
     return pulled
 
 
-def clean_debris(where: str | os.PathLike, sae_ids: Iterable[str]) -> list[str]:
-    """Delete the objects of `sae_ids` that no commit lists (what an upload killed before
-    its commit left). Only call it holding those autoencoders' leases: another writer's
-    upload in progress would look the same."""
+def clean_debris(where: str | os.PathLike, sae_ids: Iterable[str],
+                 prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Delete the objects of `sae_ids` (and those under `prefixes`, e.g. a shared activation
+    cache's) that no commit lists (what an upload killed before its commit left). Only call
+    it holding those autoencoders' (that cache's) leases: another writer's upload in
+    progress would look the same."""
     store, ids = open_store(where), set(sae_ids)
-    commits = read_commits(store, lambda unit: unit_sae_id(unit) in ids)
+    commits = read_commits(store, lambda unit: unit_sae_id(unit) in ids
+                           or (bool(prefixes) and unit.startswith(prefixes)))
     listed = {rel for commit in commits.values() for rel in commit.files}
-    debris = [rel for sae_id in sorted(ids) for prefix in sae_prefixes(sae_id)
-              for rel in store.listing(prefix) if rel not in listed]
+    every = [prefix for sae_id in sorted(ids) for prefix in sae_prefixes(sae_id)] + list(prefixes)
+    debris = [rel for prefix in every for rel in store.listing(prefix) if rel not in listed]
     if debris:
         store.fs.rm([store.key(rel) for rel in debris])
     return debris
@@ -320,7 +332,7 @@ def is_committed(where: str | os.PathLike, relative: str) -> bool:
     """Whether the file `relative` (to the warehouse at URL `where`) is visible: listed by
     the commit of its unit, with the object still carrying the committed size and ETag (an
     upload killed before its commit is not)."""
-    unit = publish_unit(relative)
+    unit = publish_unit(relative, caches=True)
     if unit is None:
         return False
     store = open_store(where)

@@ -10,6 +10,10 @@ their committed units (weights, checkpoints, logged parts) into the working copy
 and at the end publishes what the block finished, also when it failed (a finished
 part or a checkpoint is worth keeping), then deletes the debris of killed uploads.
 For a local warehouse it is only the directory.
+
+A shared activation cache (Budget.shared_cache) is published by its extraction
+(sharing_activation_cache: shard by shard, under a lease per cache) and pulled by the
+steps that read it on another worker (pull_activation_cache).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from mlsae.warehouse.layout import (
     AUTOENCODERS_DIR,
     LENSES_DIR,
+    activation_cache_prefix,
     autoencoder_dir,
     init_warehouse,
     is_url,
@@ -119,3 +124,62 @@ def part_publisher(out: str | os.PathLike, sae_ids: Iterable[str]
         return None
     ids = list(sae_ids)
     return lambda _part: publish(out, ids, shared=False)
+
+
+def _cache_complete(cache_dir: Path) -> bool:
+    from mlsae.cache import MANIFEST, CacheManifest
+
+    try:
+        return CacheManifest.from_json((cache_dir / MANIFEST).read_text()).complete
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def pull_activation_cache(out: str | os.PathLike, cache_dir: Path) -> list[str]:
+    """Before a step reads the activation cache at `cache_dir` (this worker's copy,
+    layout.activation_cache_dir): for a warehouse at a URL whose copy here is missing or
+    unfinished, download the cache's committed files (published by an extraction with
+    Budget.shared_cache on another worker). Nothing is committed for an unshared cache,
+    and a local warehouse holds its caches: both leave the directory as it is. Returns
+    the units pulled."""
+    if not is_url(out) or _cache_complete(cache_dir):
+        return []
+    return pull(out, shared_prefixes=(activation_cache_prefix(Path(cache_dir).name),))
+
+
+@contextlib.contextmanager
+def sharing_activation_cache(out: str | os.PathLike, cache_dir: Path,
+                             log: Callable[[str], None] | None = None
+                             ) -> Iterator[Callable[[object], None] | None]:
+    """The block extracts the activation cache at `cache_dir` (this worker's copy) of a
+    warehouse at a URL and shares it (Budget.shared_cache): holds the cache's lease (one
+    extraction of it at a time across machines; a second waits, then finds it), pulls
+    what is committed (a finished cache is then skipped, a partial one resumed), yields
+    an on_shard callback (mlsae.extract.extract_to_cache) that publishes each finished
+    shard and the manifest listing it, and publishes at the end (also when the block
+    failed), then deletes the debris of killed uploads. Yields None for a local
+    warehouse (the cache is in the warehouse already)."""
+    if not is_url(out):
+        yield None
+        return
+    say = log or _log.info
+    prefix = activation_cache_prefix(Path(cache_dir).name)
+    init_warehouse(working_dir(out))
+
+    def publish_cache(_shard: object = None) -> None:
+        publish(out, prefix=prefix, caches=True, log=say)
+
+    with holding(out, f"cache-{Path(cache_dir).name}", log=say):
+        pulled = pull(out, shared_prefixes=(prefix,))
+        if pulled:
+            say(f"activation cache: {len(pulled)} committed file(s) pulled from {out}")
+        try:
+            yield publish_cache
+        except BaseException:
+            try:
+                publish_cache()
+            except Exception as err:  # the step's own error is the one to report
+                say(f"could not publish the activation cache to {out}: {err}")
+            raise
+        publish_cache()
+        clean_debris(out, (), prefixes=(prefix,))
