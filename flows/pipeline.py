@@ -61,17 +61,35 @@ def resolve_warehouse(out: str | Path | None) -> Path | str:
     return Path(where).expanduser().resolve()
 
 
+SHARED_EXTRACTION = "extract-activations (shared cache)"
+"""bind_tasks' key of the extraction whose cache is shared through the bucket."""
+
+
 def bind_tasks(out: Path | str, refresh: bool = False) -> dict[str, Any]:
     """The pipeline's tasks with their results persisted in this warehouse (the cache; for
-    a URL in the bucket, except the extraction's, whose cache stays on the worker)."""
+    a URL in the bucket, except the extraction's, whose cache stays on the worker, unless
+    it is shared (Budget.shared_cache): SHARED_EXTRACTION, with its result in the bucket
+    beside the cache it publishes, so every worker skips it)."""
     options = dict(persist_result=True, result_serializer="json",
                    refresh_cache=refresh or None)
-    return {t.name: t.with_options(result_storage=result_storage(
+    steps = {t.name: t.with_options(result_storage=result_storage(
                 out, on_worker=t is extract_activations), **options) for t in (
         extract_activations, prepare_lens, train_autoencoder, evaluate_autoencoder,
         evaluate_autoencoders,
         log_latent_tables, analyse_autoencoder, draw_model_figures, draw_sweep_figures,
         train_autoencoders_streaming)}
+    steps[SHARED_EXTRACTION] = extract_activations.with_options(
+        result_storage=result_storage(out), **options)
+    return steps
+
+
+def shares_cache(plan: Plan, out: Path | str) -> bool:
+    """Whether this run publishes its activation cache to the warehouse at a URL
+    (Budget.shared_cache; a local warehouse holds its caches anyway)."""
+    from mlsae.warehouse import is_url
+
+    return (plan["training_source"] == "cache" and bool(plan["budget"].get("shared_cache"))
+            and is_url(out))
 
 
 class RunProgress:
@@ -129,8 +147,12 @@ def submit_model(plan: Plan, out: Path | str, steps: dict[str, Any]
             specs=plan["specs"], settings=settings, lens=lens, out=where), "stream")
         trained_by_id = {spec["sae_id"]: group for spec in plan["specs"]}
     else:
-        cache = track(steps["extract-activations"].submit(settings=settings, out=where),
-                      "extract")
+        if shares_cache(plan, out):
+            cache = track(steps[SHARED_EXTRACTION].submit(
+                settings=settings, out=where, shared_cache=True), "extract")
+        else:
+            cache = track(steps["extract-activations"].submit(settings=settings, out=where),
+                          "extract")
         for spec in plan["specs"]:
             trained_by_id[spec["sae_id"]] = track(steps["train-autoencoder"].submit(
                 spec=spec, settings=settings, cache=cache, lens=lens if spec["lens"] else None,
@@ -194,7 +216,8 @@ def pipeline(
         grid: which autoencoders (mlsae.plan.Grid: expansion_factors, ks, lens, layers,
             baselines, base_expansion_factor, base_k), e.g. {"ks": [16, 32]}.
         budget: how much (mlsae.plan.Budget: train_tokens, eval_tokens, seq_len,
-            batch_tokens, lr, seed, k_aux, dead_tokens, shuffle_tokens, cache_limit, ...).
+            batch_tokens, lr, seed, k_aux, dead_tokens, shuffle_tokens, cache_limit,
+            shared_cache, ...).
         out: the warehouse: a directory or a URL such as s3://bucket/prefix (default
             $MLSAE_HOME, else ./mlsae-data). A URL is written through a local working copy
             ($MLSAE_SCRATCH on the worker), and its step cache lives in the bucket.

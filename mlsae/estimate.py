@@ -118,6 +118,8 @@ def estimate_plan(plan: Plan, probe: bool = True, trained: Iterable[str] = ()) -
         "training_source": plan["training_source"],
         "cache_bytes": plan["cache_bytes"], "cache_limit_bytes": plan["cache_limit_bytes"],
         "cache_bytes_written": plan["cache_bytes"] if plan["training_source"] == "cache" else 0,
+        "cache_shared": bool(plan["budget"].get("shared_cache"))
+        and plan["training_source"] == "cache",
         "shuffle_buffer_bytes": shuffle_bytes, "checkpoint_bytes": checkpoint_bytes,
         "latents_rows": latents_rows,
         "latents_bytes": disk.get("latents", 0), "disk_free_bytes": disk.get("free"),
@@ -212,6 +214,10 @@ def format_estimate(e: dict[str, Any], dry_run: bool = True) -> str:
         f"tokens; sequences of {e['seq_len']}",
         f"  training source: {e['training_source']} (cache would be {format_bytes(e['cache_bytes'])}; "
         f"limit {format_bytes(e['cache_limit_bytes'])}; written: {format_bytes(e['cache_bytes_written'])})",
+        *([f"  shared cache (--shared-cache): for a warehouse at a URL the cache's "
+           f"{format_bytes(e['cache_bytes_written'])} also go to the bucket (uploaded once, "
+           "stored there, downloaded by each other worker instead of running the model); a "
+           "local warehouse holds it already"] if e.get("cache_shared") else []),
         f"  shuffle buffer RAM ~{format_bytes(e['shuffle_buffer_bytes'])}; checkpoints "
         f"~{format_bytes(e['checkpoint_bytes'])}",
         f"  latent table ~{e['latents_rows']:,} rows, ~{format_bytes(e['latents_bytes'])}"

@@ -238,6 +238,13 @@ class Budget:
     """Largest activation cache to write, e.g. 20GB: a training set that fits is extracted
     to disk once (reused by later runs); a larger one is streamed from the model. 0 =
     always stream. [default: half the free disk space]"""
+    shared_cache: bool | None = field(default=None, metadata=cli())
+    """For a warehouse at a URL: publish the activation cache to the warehouse too (each
+    finished shard, committed like the tables), so another worker downloads it instead of
+    running the model, and a finished extraction is skipped on every worker. Costs the
+    cache's size in the bucket (printed by --dry-run) and one download per other worker.
+    A local warehouse holds its caches already (the option changes nothing there).
+    [default: off: each worker extracts its own cache into its --scratch]"""
     checkpoint_minutes: float | None = field(default=None, metadata=cli())
     """Minutes of training between exact-resume checkpoints (and one at the end, and on
     Ctrl-C): what a kill can lose, however long a step takes. [default: 10]"""
@@ -260,6 +267,9 @@ class Budget:
         if self.aux_coef is not None and not (isinstance(self.aux_coef, (int, float))
                                               and self.aux_coef >= 0):
             _fail("Budget", "aux_coef", self.aux_coef, "must be >= 0 (0 turns AuxK off)")
+        if self.shared_cache is not None and not isinstance(self.shared_cache, bool):
+            _fail("Budget", "shared_cache", self.shared_cache,
+                  "must be true or false (--shared-cache / --no-shared-cache)")
         for name in ("cache_limit", "eval_memory"):
             value = getattr(self, name)
             if value is None:
@@ -304,7 +314,8 @@ FIXED_DEFAULTS: dict[str, dict[str, Any]] = {
     "target": dict(model="embedded", data="embedded", text_column="text", device="auto",
                    precision="float32"),
     "grid": {},
-    "budget": dict(seed=0, adam_eps=6.25e-10, aux_coef=1 / 32, checkpoint_minutes=10.0),
+    "budget": dict(seed=0, adam_eps=6.25e-10, aux_coef=1 / 32, checkpoint_minutes=10.0,
+                   shared_cache=False),
 }
 
 
@@ -983,9 +994,11 @@ def train_config(plan: Plan | dict, spec: SAESpec | dict, lens: str | None = Non
 def run_settings(plan: Plan | dict) -> dict[str, Any]:
     """What every step of one model needs from the plan, without the list of autoencoders
     (so adding a config to a grid does not invalidate the cached steps of the others) and
-    without the cache limit (which changes where data comes from, not the results)."""
+    without the cache limit and shared_cache (which change where data comes from and goes
+    to, not the results)."""
     settings = {key: value for key, value in plan.items() if key not in PLAN_ONLY}
-    settings["budget"] = {k: v for k, v in plan["budget"].items() if k != "cache_limit"}
+    settings["budget"] = {k: v for k, v in plan["budget"].items()
+                          if k not in ("cache_limit", "shared_cache")}
     return settings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TypedDict
 
@@ -32,10 +33,16 @@ def cache_dir_for(out: str, cfg) -> Path:
 
 
 @task(name="extract-activations", cache_policy=CACHE_POLICY, **TRANSIENT_RETRIES)
-def extract_activations(settings: dict, out: str) -> CacheManifest:
-    """Extract once per (model, data, layers, budget); a partial cache is resumed."""
+def extract_activations(settings: dict, out: str, shared_cache: bool = False) -> CacheManifest:
+    """Extract once per (model, data, layers, budget); a partial cache is resumed.
+
+    shared_cache (Budget.shared_cache, a warehouse at a URL): the cache is published to the
+    bucket shard by shard, and what another worker committed is pulled first (a finished
+    cache is not extracted again; a partial one is resumed). Bind the task then with its
+    results in the bucket (flows.pipeline.bind_tasks), so other workers skip it."""
     from mlsae.extract import extract_to_cache
     from mlsae.plan import extract_config
+    from mlsae.warehouse.workspace import sharing_activation_cache
 
     cfg = extract_config(settings)
     model, data, layers, seq_len = (settings["model"]["name"], settings["data"],
@@ -45,8 +52,10 @@ def extract_activations(settings: dict, out: str) -> CacheManifest:
     logger = run_logger()
     logger.info("extracting block outputs %s of %s on %s (%d sequences x %d tokens) into %s",
                 layers, model, data, cfg.max_sequences, seq_len, target)
-    with gpu_slot(device):
-        cache = extract_to_cache(cfg, target, log=progress_log())
+    sharing = sharing_activation_cache(out, target, log=progress_log()) if shared_cache \
+        else contextlib.nullcontext()
+    with sharing as on_shard, gpu_slot(device):
+        cache = extract_to_cache(cfg, target, on_shard=on_shard, log=progress_log())
     m = cache.manifest
     logger.info("activation cache: %d sequences, %d unmasked tokens, %d shards",
                 m.n_sequences, m.n_tokens, len(m.shards))

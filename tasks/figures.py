@@ -133,8 +133,11 @@ def _model_figures(plan: Plan, cache: CacheManifest | None, lens: LensManifest |
     model = plan["model"]
     fig_dir = warehouse.figures_dir(warehouse.working_dir(out), model["slug"])
     if cache is not None:
-        sample = statistics.residual_sample(ActivationCache.open(
-            warehouse.local_path(out, cache["cache_dir"])))
+        from mlsae.warehouse.workspace import pull_activation_cache
+
+        cache_dir = warehouse.local_path(out, cache["cache_dir"])
+        pull_activation_cache(out, cache_dir)  # extracted (and shared) on another worker
+        sample = statistics.residual_sample(ActivationCache.open(cache_dir))
     else:  # streaming run: no cache on disk, take the sample from the model directly
         from mlsae.extract import stream_activations
         from mlsae.plan import extract_config, run_settings

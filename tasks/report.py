@@ -40,7 +40,12 @@ def _model_inputs(plan: Plan, out: str) -> dict:
     settings = run_settings(plan)
     cache = cache_dir_for(out, extract_config(settings))
     # a warehouse at a URL keeps the cache on the worker that extracted it: another
-    # worker writing the report streams the sample instead
+    # worker writing the report streams the sample instead, unless the cache is shared
+    # (Budget.shared_cache): then it is pulled from the bucket
+    if plan["training_source"] == "cache" and plan["budget"].get("shared_cache"):
+        from mlsae.warehouse.workspace import pull_activation_cache
+
+        pull_activation_cache(out, cache)
     cached = plan["training_source"] == "cache" and cache.exists()
     return dict(cache_dir=str(cache) if cached else None,
                 extract=None if cached else extract_config(settings, tokens=4096),

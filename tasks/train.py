@@ -76,7 +76,11 @@ def train_autoencoder(spec: dict[str, Any], settings: dict, cache: CacheManifest
     from mlsae.plan import train_config
     from mlsae.sae import train_sae
     from mlsae.warehouse import local_path
-    from mlsae.warehouse.workspace import checkpoint_publisher, workspace
+    from mlsae.warehouse.workspace import (
+        checkpoint_publisher,
+        pull_activation_cache,
+        workspace,
+    )
 
     cfg = train_config(settings, spec, lens["lens"] if lens else None)
     run_dir = autoencoder_dir(out, spec["sae_id"])
@@ -90,8 +94,10 @@ def train_autoencoder(spec: dict[str, Any], settings: dict, cache: CacheManifest
                       cfg.sae.n_latents, spec["k"], spec["layers"], cfg.train_tokens, cfg.n_steps)
     start = time.perf_counter()
     ids = [spec["sae_id"]]
+    cache_dir = local_path(out, cache["cache_dir"])
+    pull_activation_cache(out, cache_dir)  # extracted (and shared) on another worker
     with workspace(out, ids, log=progress_log()), gpu_slot(settings["device"]):
-        result = train_sae(cfg, ActivationCache.open(local_path(out, cache["cache_dir"])),
+        result = train_sae(cfg, ActivationCache.open(cache_dir),
                            run_dir, basis=basis, on_step=checkpoint_publisher(out, ids),
                            progress_log=progress_log(), should_stop=stop_requested)
     return _manifest(spec, settings, out, run_dir, result, time.perf_counter() - start)
