@@ -18,7 +18,7 @@ EMBEDDED_CORPUS_NAME = "embedded"
 # The embedded model family: same recipe and tokenizer at other shapes (the report's
 # model-size axis); `--model embedded-4x128` is mlsae/embedded/family/4x128.
 EMBEDDED_FAMILY_DIR = EMBEDDED_DIR / "family"
-EMBEDDED_FAMILY = ("embedded-4x128",)
+EMBEDDED_FAMILY = ("embedded-4x128", "embedded-8x288")
 
 
 def embedded_model_dir(name: object) -> Path | None:

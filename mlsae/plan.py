@@ -868,7 +868,7 @@ def check_report_plan(request: RunRequest, out: str | None = None) -> Plan:
     return plan
 
 
-REPORT_MODELS = ("embedded", "embedded-4x128")
+REPORT_MODELS = ("embedded", "embedded-4x128", "embedded-8x288")
 """The report's models when none is given: the first gets the star grid, every other one the
 base-config MLSAE (the model family of the cross-model section; mlsae/embedded/family)."""
 

@@ -78,7 +78,7 @@ def test_family_shapes_sizes_and_names():
         shapes[name] = (info["n_layers"], info["d_model"])
         log = json.loads((embedded_model_dir(name) / "training_log.json").read_text())
         assert log["heldout_loss"][-1] <= log["heldout_loss"][0]  # it learned
-    assert shapes == {"embedded": (6, 256), "embedded-4x128": (4, 128)}
+    assert shapes == {"embedded": (6, 256), "embedded-4x128": (4, 128), "embedded-8x288": (8, 288)}
     new_bytes = sum(embedded_model_dir(name).joinpath("model.safetensors").stat().st_size
                     for name in EMBEDDED_FAMILY)
     assert new_bytes < MAX_FAMILY_MB * 1.1e6
