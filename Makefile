@@ -10,7 +10,7 @@ run: venv
 
 test: venv
 	.venv/bin/ruff check .
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 $(ARGS)
 
 lint: venv
 	.venv/bin/ruff check .
