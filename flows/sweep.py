@@ -66,7 +66,12 @@ def make_task_runner(kind: str, max_workers: int, address: str | None = None):
         except ImportError as err:
             raise InvalidParameters("task_runner 'ray' needs prefect-ray: "
                                     "pip install -e '.[ray]'") from err
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
+        if address:
+            return RayTaskRunner(address=address)
+        # A local Ray instance with max_workers CPUs: Ray runs one task per CPU, each in a
+        # worker process with one torch thread (Ray sets OMP_NUM_THREADS=1).
+        return RayTaskRunner(init_kwargs={"num_cpus": max_workers,
+                                          "include_dashboard": False})
     raise InvalidParameters(f"unknown task_runner {kind!r}: use one of {', '.join(TASK_RUNNERS)}")
 
 
