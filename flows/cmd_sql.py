@@ -74,8 +74,9 @@ def _print_table(columns: list[str], rows: list[tuple], total: int) -> None:
 @click.option("--max-rows", type=int, default=100, show_default=True,
               help="Rows printed by --format table (0 = all).")
 @click.option("--setup", is_flag=True,
-              help="Print the SQL that registers every table and view (absolute paths), for "
-                   "the plain duckdb CLI, and exit.")
+              help="Print the SQL that registers every table and view (absolute paths; for "
+                   "a bucket the committed objects' URLs after the httpfs setup), for the "
+                   "plain duckdb CLI, and exit.")
 def command(query: str | None, warehouse: str | None, fmt: str, output: Path | None,
             max_rows: int, setup: bool) -> None:
     """Run one read-only SQL QUERY over the warehouse.
