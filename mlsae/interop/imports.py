@@ -122,11 +122,8 @@ def detect_format(directory: Path) -> str:
 
 
 def _fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def default_sae_id(fmt: str, source: str, directory: Path) -> str:

@@ -156,11 +156,8 @@ def is_intact(commit: Commit, listing: dict[str, dict[str, Any]]) -> bool:
 # --------------------------------------------------------------------------- the working copy
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 @contextlib.contextmanager
