@@ -55,13 +55,13 @@ class ExportResult(NamedTuple):
 def load_warehouse_sae(warehouse_dir: str | os.PathLike, sae_id: str):
     """The MLSAE saved as `sae_id` in the warehouse; InteropError naming how to find ids."""
     from mlsae.sae import MLSAE
-    from mlsae.warehouse import autoencoder_dir, check_sae_id
+    from mlsae.warehouse import check_sae_id, trained_weights_dir
 
     try:
         check_sae_id(sae_id)
     except ValueError as err:
         raise InteropError(str(err)) from err
-    sae_dir = autoencoder_dir(warehouse_dir, sae_id) / "sae"
+    sae_dir = trained_weights_dir(warehouse_dir, sae_id)
     if not sae_dir.is_dir():
         raise InteropError(f"no autoencoder {sae_id!r} in warehouse {warehouse_dir} (no "
                            f"{sae_dir}): list them with `mlsae sql --out {warehouse_dir} "

@@ -233,9 +233,9 @@ def plan_import(request: ImportRequest, model_info: dict[str, Any] | None = None
 
 
 def imported_sae_dir(warehouse_dir: str | os.PathLike, sae_id: str) -> Path:
-    from mlsae.warehouse import autoencoder_dir
+    from mlsae.warehouse import trained_weights_dir
 
-    return autoencoder_dir(warehouse_dir, sae_id) / "sae"
+    return trained_weights_dir(warehouse_dir, sae_id)
 
 
 def check_target(plan: ImportPlan, warehouse_dir: str | os.PathLike) -> None:

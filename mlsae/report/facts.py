@@ -22,6 +22,7 @@ import numpy as np
 
 from mlsae import statistics
 from mlsae.report.inputs import GridEntry, ModelEntry, ReportInputs
+from mlsae.warehouse.layout import TRAINED_WEIGHTS_DIR
 
 SETTLE_FRACTION = 0.2
 """'Settled' is judged on the change of the training FVU over the last fifth of training."""
@@ -354,7 +355,7 @@ def heatmap_facts(inputs: ReportInputs) -> HeatmapFacts:
     from mlsae.sae import MLSAE
 
     def rows_of(e: GridEntry) -> np.ndarray | None:
-        path = Path(e.run_dir) / "sae"
+        path = Path(e.run_dir) / TRAINED_WEIGHTS_DIR
         return statistics.decoder_rows(MLSAE.from_pretrained(path)) if path.exists() else None
 
     shown = [inputs.base] + ([inputs.lens_entry] if inputs.lens_entry else [])
