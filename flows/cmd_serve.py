@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mlsae.paths import default_warehouse
+from mlsae.paths import default_warehouse_location
 
 
 def _check_port(host: str, port: int) -> None:
@@ -27,7 +27,10 @@ def _check_port(host: str, port: int) -> None:
 
 
 @click.command("serve")
-@click.option("--out", "warehouse", default=None, help="Warehouse directory (default: $MLSAE_HOME, else ./mlsae-data).")
+@click.option("--out", "warehouse", default=None,
+              help="Warehouse directory, or the URL of one in object storage (s3://bucket/"
+                   "prefix: its tables are read through a local mirror, an SAE's weights "
+                   "pulled on first use) (default: $MLSAE_HOME, else ./mlsae-data).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default is this machine only; any other "
                    "address lets others on the network read the warehouse (a warning says so).")
@@ -47,8 +50,8 @@ def command(warehouse: str | None, host: str, port: int, device: str) -> None:
     from mlsae import warehouse as wh
     from mlsae.serve.app import exposure_warning, serve
 
-    try:  # a URL is named as one (click.Path would have made s3:// a local "s3:/")
-        root = wh.check_local(warehouse) if warehouse else default_warehouse()
+    try:  # not click.Path: it would make s3:// a local "s3:/"
+        root = warehouse or default_warehouse_location()
         wh.require_warehouse(root)
     except wh.WarehouseError as e:
         raise click.ClickException(str(e)) from e
@@ -57,7 +60,8 @@ def command(warehouse: str | None, host: str, port: int, device: str) -> None:
     if warning:
         click.secho(f"Warning: {warning}", fg="yellow", err=True)
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"mlsae explorer on http://{shown}:{port}/ (warehouse {Path(root).resolve()}); "
+    named = wh.warehouse_url(root) if wh.is_url(root) else Path(root).resolve()
+    click.echo(f"mlsae explorer on http://{shown}:{port}/ (warehouse {named}); "
                "Ctrl-C stops it", err=True)
     try:
         serve(root, host=host, port=port, device=device)

@@ -30,9 +30,11 @@ log = logging.getLogger("mlsae.serve")
 
 
 def create_app(warehouse_dir: str | Path, device: str = "auto") -> FastAPI:
-    """The explorer over `warehouse_dir` (opened read-only; WarehouseError if it is not one)."""
+    """The explorer over `warehouse_dir` (opened read-only; WarehouseError if it is not one).
+    A URL (s3://bucket/prefix) is queried through a local mirror of its committed tables,
+    and an SAE's weights are pulled into this machine's working copy on first use."""
     catalog = Catalog(warehouse_dir)
-    explorer = Explorer(catalog, Loader(catalog.root, device))
+    explorer = Explorer(catalog, Loader(catalog.where, device))
     app = FastAPI(title="mlsae explorer", version="1",
                   description="Read-only explorer of an mlsae warehouse (docs/serve.md).",
                   docs_url=None, redoc_url=None)  # their pages load scripts from a CDN

@@ -21,7 +21,10 @@ class Catalog:
 
     def __init__(self, warehouse_dir: str | Path):
         self.root = wh.require_warehouse(warehouse_dir)
-        self._con = wh.connect(self.root, read_only=True)
+        self.where = warehouse_dir if wh.is_url(warehouse_dir) else self.root
+        """The warehouse: its directory, or its URL (queried through a local mirror of its
+        committed tables, synced when the explorer starts: mlsae.warehouse.mirror)."""
+        self._con = wh.connect(self.where, read_only=True)
         self._lock = threading.Lock()
 
     def close(self) -> None:

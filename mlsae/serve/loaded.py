@@ -24,22 +24,38 @@ class SaeHandle(NamedTuple):
 
 
 def sae_dir(warehouse_dir: Path, sae_id: str) -> Path | None:
-    """Where the saved autoencoder of `sae_id` is (`mlsae run` and `mlsae import` write
+    """Where the saved autoencoder of `sae_id` is in the local warehouse (or working copy)
+    `warehouse_dir` (`mlsae run` and `mlsae import` write layout.trained_weights_dir:
     <warehouse>/autoencoders/<sae_id>/sae), or None."""
-    from mlsae.warehouse import autoencoder_dir
+    from mlsae.warehouse.layout import autoencoder_dir, trained_weights_dir
 
-    base = autoencoder_dir(warehouse_dir, sae_id)
-    for path in (base / "sae", base):
+    for path in (trained_weights_dir(warehouse_dir, sae_id), autoencoder_dir(warehouse_dir, sae_id)):
         if (path / "config.json").exists() and (path / "model.safetensors").exists():
             return path
     return None
 
 
+def pull_weights(where: str, sae_id: str, lens: bool) -> None:
+    """For a warehouse at a URL: download the committed weights of `sae_id` (and the
+    trained lenses, when its basis is one) into this machine's working copy
+    (layout.working_dir), where sae_dir finds them. Files already there are kept."""
+    from mlsae.warehouse.layout import AUTOENCODERS_DIR, LENSES_DIR, TRAINED_WEIGHTS_DIR
+    from mlsae.warehouse.remote import pull
+
+    pull(where, [sae_id], shared_prefixes=(LENSES_DIR + "/",) if lens else (),
+         sae_prefix=f"{AUTOENCODERS_DIR}/{sae_id}/{TRAINED_WEIGHTS_DIR}")
+
+
 class Loader:
     """Loads SAEs and models once; thread-safe."""
 
-    def __init__(self, warehouse_dir: Path, device: str = "auto"):
-        self.root = Path(warehouse_dir)
+    def __init__(self, warehouse_dir: str | Path, device: str = "auto"):
+        from mlsae.warehouse.layout import is_url, warehouse_url, working_dir
+
+        self.url = warehouse_url(warehouse_dir) if is_url(warehouse_dir) else None
+        """The warehouse's URL when it is in a bucket (weights are pulled from it)."""
+        self.root = working_dir(warehouse_dir)
+        """Where the weights and lenses are read: the warehouse, or its working copy."""
         self.device = device
         self._models: dict[str, Any] = {}
         self._saes: dict[str, SaeHandle] = {}
@@ -64,18 +80,29 @@ class Loader:
         from mlsae import warehouse
         from mlsae.lens import load_basis
         from mlsae.sae.model import MLSAE
+        from mlsae.warehouse.layout import (
+            AUTOENCODERS_DIR,
+            TRAINED_WEIGHTS_DIR,
+            trained_weights_dir,
+        )
 
         sae_id = record["sae_id"]
+        lens = record.get("lens")
+        has_lens = lens not in (None, "", "none")
+        if self.url is not None:  # first use of this SAE here: bring its weights in
+            pull_weights(self.url, sae_id, has_lens)
         path = sae_dir(self.root, sae_id)
         if path is None:
+            expected = (f"committed objects under {self.url}/{AUTOENCODERS_DIR}/{sae_id}/"
+                        f"{TRAINED_WEIGHTS_DIR}/" if self.url is not None
+                        else f"{trained_weights_dir(self.root, sae_id)}/model.safetensors")
             raise NotFound(f"the weights of {sae_id} are not in this warehouse (expected "
-                           f"{self.root / 'autoencoders' / sae_id / 'sae'}/model.safetensors): "
-                           "its tables can be browsed, but prompts need the autoencoder")
+                           f"{expected}): its tables can be browsed, but prompts need the "
+                           "autoencoder")
         loaded = self._model(record["model"])
         device = next(loaded.model.parameters()).device
         sae = MLSAE.from_pretrained(path).to(device).eval()
-        lens = record.get("lens")
         basis = None
-        if lens not in (None, "", "none"):
+        if has_lens:
             basis = load_basis(lens, loaded, cache_dir=warehouse.lenses_dir(self.root))
         return SaeHandle(sae_id, sae, loaded, basis, [int(x) for x in record["layers"]])
