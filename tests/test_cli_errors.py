@@ -104,17 +104,17 @@ def test_sql_refuses_a_directory_that_is_not_a_warehouse(bad_inputs):
 
 
 @pytest.mark.parametrize("args, env, message", [
-    # runs and reports write to a bucket (tests/test_warehouse_s3_write.py,
-    # tests/test_report_rerun_s3.py); gc and serve do not yet
-    (("gc",), {"MLSAE_HOME": "s3://bucket/wh"}, "is a URL"),
-    (("gc", "--out", "s3://bucket/wh"), {}, "is a URL"),
-    (("serve", "--out", "s3://bucket/wh"), {}, "is a URL"),
-    # reading one is supported (tests/test_warehouse_s3.py), given the store's package
+    # sql, serve and gc take a bucket URL (tests/test_warehouse_s3.py,
+    # tests/test_serve_gc_s3.py), given the store's package: without it, that is named
     (("sql", "SELECT 1"), {"MLSAE_HOME": "gs://bucket/wh"}, "gcsfs"),
+    (("gc",), {"MLSAE_HOME": "gs://bucket/wh"}, "gcsfs"),
+    (("gc", "--out", "gs://bucket/wh"), {}, "gcsfs"),
+    (("serve", "--out", "gs://bucket/wh"), {}, "gcsfs"),
 ])
-def test_a_warehouse_url_is_refused_and_nothing_is_written(tmp_path, args, env, message):
-    """Where a URL is not supported, it is one Error: line, not a local directory named
-    `s3:` and a run that writes into it."""
+def test_a_warehouse_url_without_its_store_is_one_error_and_nothing_is_written(
+        tmp_path, args, env, message):
+    """A URL whose store cannot be reached is one Error: line naming the fix, not a local
+    directory named `gs:` and a command that writes into it."""
     import os
 
     result = subprocess.run([MLSAE, *args], cwd=tmp_path, capture_output=True, text=True,

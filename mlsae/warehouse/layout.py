@@ -54,14 +54,14 @@ def is_url(where: object) -> bool:
 
 def check_local(where: str | os.PathLike) -> Path:
     """`where` as a local path, for what works on local files only (init_warehouse, the
-    plain-duckdb setup script, gc); WarehouseError for a URL, which would otherwise become
+    plain-duckdb setup script); WarehouseError for a URL, which would otherwise become
     a local directory named like the scheme (`s3:`) without a word."""
     if is_url(where):
         raise WarehouseError(
             f"{str(where)!r} is a URL, but this works on a local warehouse directory only: "
             "use a local path (`mlsae run`, `mlsae sweep`, `mlsae report`, `mlsae import`, "
-            "`mlsae sql` and the pipeline, sweep, report, rerun and import flows take a bucket "
-            "URL; this command does not); nothing was written")
+            "`mlsae sql`, `mlsae serve`, `mlsae gc` and the pipeline, sweep, report, rerun "
+            "and import flows take a bucket URL; this command does not); nothing was written")
     return Path(where)
 
 
