@@ -24,7 +24,8 @@ from flows.session import fail_fast
                    "the SAE of standardised vectors (sparsify cannot standardise; see "
                    "docs/interop.md).")
 @click.option("--out", default=None,
-              help="Warehouse directory (default $MLSAE_HOME, else ./mlsae-data).")
+              help="Warehouse: a directory or a URL such as s3://bucket/prefix (default "
+                   "$MLSAE_HOME, else ./mlsae-data).")
 def command(sae_id, fmt, layer, to, standardized_inputs, out) -> None:
     """Export an autoencoder for SAELens or sparsify.
 
@@ -34,13 +35,16 @@ def command(sae_id, fmt, layer, to, standardized_inputs, out) -> None:
       mlsae export my-sae --format sparsify --layer 3 --to sparsify-sae/ --standardized-inputs
     """
     from mlsae.interop.exports import ExportRequest, export_sae
-    from mlsae.paths import default_warehouse
-    from mlsae.warehouse import require_warehouse
+    from mlsae.paths import default_warehouse_location
+    from mlsae.warehouse import require_warehouse, working_dir
+    from mlsae.warehouse.workspace import pull_weights
 
-    root = fail_fast(require_warehouse, out or default_warehouse())
+    where = out or default_warehouse_location()
+    fail_fast(require_warehouse, where)
     request = fail_fast(lambda: ExportRequest(sae_id=sae_id, format=fmt, layer=layer, to=to,
                                               standardized_inputs=standardized_inputs))
-    result = fail_fast(export_sae, request, root)
+    fail_fast(pull_weights, where, sae_id)  # a bucket's committed weights, to the working copy
+    result = fail_fast(export_sae, request, working_dir(where))
     click.echo(f"{result.sae_id} (layer {result.layer}) -> {result.format}:")
     for path in result.files:
         click.echo(f"  {path}")

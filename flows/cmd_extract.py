@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from mlsae.paths import default_warehouse
+from mlsae.paths import default_warehouse_location
 from mlsae.plan import parse_layers
 
 
@@ -36,8 +36,10 @@ from mlsae.plan import parse_layers
 @click.option("--model-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               default="float32", show_default=True, help="Dtype the model runs in.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Warehouse directory (default $MLSAE_HOME, else ./mlsae-data).")
+@click.option("--out", default=None,
+              help="Warehouse: a directory or a URL such as s3://bucket/prefix, whose cache "
+                   "then goes to this machine's working copy ($MLSAE_SCRATCH), as a run's "
+                   "does (default $MLSAE_HOME, else ./mlsae-data).")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
               help="Cache directory (default OUT/activations/<model>-<split>-<config hash>).")
 def command(model, data_source, split, text_column, seq_len, layers, max_sequences, batch_size,
@@ -58,8 +60,8 @@ def command(model, data_source, split, text_column, seq_len, layers, max_sequenc
             shard_sequences=shard_sequences, dtype=dtype, device=device,
             max_sequences=max_sequences, model_dtype=model_dtype,
         )
-        target = cache_dir or warehouse.activation_cache_dir(out or default_warehouse(),
-                                                             cache_key(cfg))
+        target = cache_dir or warehouse.activation_cache_dir(
+            out or default_warehouse_location(), cache_key(cfg))
         cache = extract_to_cache(cfg, target)
     except (ModelLoadError, DataError, CacheError, ValueError) as err:
         raise click.ClickException(str(err)) from err

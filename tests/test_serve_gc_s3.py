@@ -230,6 +230,32 @@ class _RecordingFS:
         return getattr(self._fs, name)
 
 
+def test_export_and_extract_take_a_bucket_url(local_warehouse, bucket_warehouse, scratch,
+                                             tmp_path):
+    """`mlsae export --out s3://...` pulls the committed weights and writes the same files as
+    the export from the local warehouse; `mlsae extract --out s3://...` puts its cache in
+    this machine's working copy (no local `s3:` directory)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    exported = {}
+    for name, where in (("local", str(local_warehouse)), ("bucket", bucket_warehouse)):
+        done = subprocess.run([MLSAE, "export", SAE_ID, "--format", "saelens", "--layer", "1",
+                               "--to", str(tmp_path / name), "--out", where],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        exported[name] = {p.relative_to(tmp_path / name): p.read_bytes()
+                          for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
+    assert exported["bucket"] == exported["local"] and exported["local"]
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    done = subprocess.run([MLSAE, "extract", "--max-sequences", "4", "--seq-len", "32",
+                           "--layers", "1", "--out", bucket_warehouse], capture_output=True,
+                          text=True, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert list(cwd.iterdir()) == []
+    assert str(scratch) in done.stdout, done.stdout
+
+
 def test_gc_over_the_bucket_keeps_what_an_unfinished_training_needs(
         s3_env, scratch, monkeypatch):
     from mlsae.warehouse import remote

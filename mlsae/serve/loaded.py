@@ -35,17 +35,6 @@ def sae_dir(warehouse_dir: Path, sae_id: str) -> Path | None:
     return None
 
 
-def pull_weights(where: str, sae_id: str, lens: bool) -> None:
-    """For a warehouse at a URL: download the committed weights of `sae_id` (and the
-    trained lenses, when its basis is one) into this machine's working copy
-    (layout.working_dir), where sae_dir finds them. Files already there are kept."""
-    from mlsae.warehouse.layout import AUTOENCODERS_DIR, LENSES_DIR, TRAINED_WEIGHTS_DIR
-    from mlsae.warehouse.remote import pull
-
-    pull(where, [sae_id], shared_prefixes=(LENSES_DIR + "/",) if lens else (),
-         sae_prefix=f"{AUTOENCODERS_DIR}/{sae_id}/{TRAINED_WEIGHTS_DIR}")
-
-
 class Loader:
     """Loads SAEs and models once; thread-safe."""
 
@@ -85,12 +74,13 @@ class Loader:
             TRAINED_WEIGHTS_DIR,
             trained_weights_dir,
         )
+        from mlsae.warehouse.workspace import pull_weights
 
         sae_id = record["sae_id"]
         lens = record.get("lens")
         has_lens = lens not in (None, "", "none")
         if self.url is not None:  # first use of this SAE here: bring its weights in
-            pull_weights(self.url, sae_id, has_lens)
+            pull_weights(self.url, sae_id, lens=has_lens)
         path = sae_dir(self.root, sae_id)
         if path is None:
             expected = (f"committed objects under {self.url}/{AUTOENCODERS_DIR}/{sae_id}/"

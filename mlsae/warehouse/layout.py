@@ -58,10 +58,10 @@ def check_local(where: str | os.PathLike) -> Path:
     a local directory named like the scheme (`s3:`) without a word."""
     if is_url(where):
         raise WarehouseError(
-            f"{str(where)!r} is a URL, but this works on a local warehouse directory only: "
-            "use a local path (`mlsae run`, `mlsae sweep`, `mlsae report`, `mlsae import`, "
-            "`mlsae sql`, `mlsae serve`, `mlsae gc` and the pipeline, sweep, report, rerun "
-            "and import flows take a bucket URL; this command does not); nothing was written")
+            f"{str(where)!r} is a URL, but this step works on a local directory only: the "
+            "mlsae commands and flows take a bucket URL as --out / out / $MLSAE_HOME and work "
+            "in its local working copy ($MLSAE_SCRATCH); from Python, pass "
+            "mlsae.warehouse.working_dir(url) here; nothing was written")
     return Path(where)
 
 

@@ -183,3 +183,16 @@ def sharing_activation_cache(out: str | os.PathLike, cache_dir: Path,
             raise
         publish_cache()
         clean_debris(out, (), prefixes=(prefix,))
+
+
+def pull_weights(where: str | os.PathLike, sae_id: str, *, lens: bool = False) -> None:
+    """For a warehouse at a URL: download the committed weights of `sae_id` (and the trained
+    lenses, when its basis is one) into this machine's working copy (layout.working_dir),
+    where layout.trained_weights_dir finds them. Files already there are kept; nothing to
+    do for a local warehouse."""
+    if not is_url(where):
+        return
+    from mlsae.warehouse.layout import TRAINED_WEIGHTS_DIR
+
+    pull(where, [sae_id], shared_prefixes=(LENSES_DIR + "/",) if lens else (),
+         sae_prefix=f"{AUTOENCODERS_DIR}/{sae_id}/{TRAINED_WEIGHTS_DIR}")
