@@ -77,8 +77,16 @@ def _committed(fs: Any, prefix: str, everything: dict[str, dict], listing: dict[
             continue
         cached = state.get(f"commit:{rel}")
         if cached is None or cached[0] != _version(info):
-            cached = [_version(info), fs.cat_file(f"{prefix}/{rel}").decode()]
-            state[f"commit:{rel}"] = cached
+            try:
+                cached = [_version(info), fs.cat_file(f"{prefix}/{rel}").decode()]
+            except FileNotFoundError:
+                # listed, then gone: another worker is rewriting this commit right now (a
+                # store may drop the key for the moment of the overwrite); keep what this
+                # mirror had of the unit, and take the new commit at the next sync
+                if cached is None:
+                    continue
+            else:
+                state[f"commit:{rel}"] = cached
         commits.append(Commit.from_json(cached[1]))
     visible, keep = {}, set()
     for commit in commits:
