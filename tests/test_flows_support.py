@@ -70,3 +70,17 @@ def table_rows(out: Path, query: str) -> list[tuple]:
         return con.execute(query).fetchall()
     finally:
         con.close()
+
+
+def same_values(a, b, rel_tol: float = 1e-12) -> bool:
+    """Rows or values equal, floats to rel_tol (NaN equals NaN): what two warehouses built
+    from the same configuration compare by."""
+    import math
+
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel_tol,
+                                                                  abs_tol=rel_tol)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_values(x, y, rel_tol)
+                                        for x, y in zip(a, b, strict=True))
+    return a == b

@@ -5,7 +5,6 @@ duplicate or missing row. Real moto S3 server on loopback, real Parquet, real Du
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip in
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
 
 from tests.s3_server import moto_s3  # noqa: E402
+from tests.test_flows_support import same_values, table_rows  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -76,16 +76,6 @@ def s3_env(tmp_path_factory):
         yield env
 
 
-def _rows(where, query: str) -> list[tuple]:
-    from mlsae.warehouse import connect
-
-    con = connect(where, read_only=True)
-    try:
-        return con.execute(query).fetchall()
-    finally:
-        con.close()
-
-
 def visible(url: str, sae_id: str) -> list[str]:
     """The latents part files of `sae_id` that readers take: listed by an intact commit."""
     from mlsae.warehouse.remote import is_intact, open_store, read_commits
@@ -120,9 +110,9 @@ def test_a_killed_worker_keeps_its_finished_parts_and_the_rerun_logs_only_the_re
     log_synthetic(tmp_path / "local", sae_id)  # the same step, never interrupted
     for table in ("latents", "tokens", "latent_layer_sums"):
         query = f"SELECT * FROM {table} ORDER BY ALL"
-        got, want = _rows(url, query), _rows(tmp_path / "local", query)
+        got, want = table_rows(url, query), table_rows(tmp_path / "local", query)
         assert got == want and len(got) > 0, table
-    (n, distinct), = _rows(url, "SELECT count(*), count(DISTINCT (seq_id, pos, layer, latent)) "
+    (n, distinct), = table_rows(url, "SELECT count(*), count(DISTINCT (seq_id, pos, layer, latent)) "
                                 "FROM latents")
     assert n == distinct
 
@@ -143,7 +133,7 @@ def test_the_plain_duckdb_setup_script_reads_only_committed_files(s3_env, tmp_pa
     import s3fs
 
     from mlsae.warehouse import setup_sql
-    from mlsae.warehouse.mirror import mirror_dir
+    from mlsae.warehouse.mirror import local_mirror
     from mlsae.warehouse.workspace import part_publisher, workspace
 
     url, sae_id = f"s3://{BUCKET}/plain", "synthetic-plain"
@@ -161,13 +151,10 @@ def test_the_plain_duckdb_setup_script_reads_only_committed_files(s3_env, tmp_pa
     assert f"'{url}/latents/sae_id={sae_id}/part-00003.parquet'" in script
 
     views = script.split("LOAD aws;", 1)[1].split(";", 1)[1]  # after the secret
-    mirror = mirror_dir(url).resolve()
+    mirror = local_mirror(url).resolve()  # the same committed files, on this machine
     con = duckdb.connect()
     con.execute(views.replace(f"'{url}/", f"'{mirror}/"))
     for query in ("SELECT count(*) FROM latents", "SELECT * FROM latent_stats ORDER BY ALL"):
-        got, want = con.execute(query).fetchall(), _rows(url, query)
+        got, want = con.execute(query).fetchall(), table_rows(url, query)
         # the same files; DuckDB's parallel sums may differ in the last bit
-        assert len(got) == len(want) > 0 and all(
-            g == w or math.isclose(g, w, rel_tol=1e-12)
-            for got_row, want_row in zip(got, want, strict=True)
-            for g, w in zip(got_row, want_row, strict=True)), query
+        assert got and same_values(got, want), query

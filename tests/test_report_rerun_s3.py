@@ -23,10 +23,9 @@ pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip in
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
 
 from tests.s3_server import moto_s3  # noqa: E402
-from tests.test_flows_support import request, save_tiny_model  # noqa: E402
+from tests.test_flows_support import request, save_tiny_model, table_rows  # noqa: E402
 from tests.test_warehouse_s3_write import (  # noqa: E402
     _fs,
-    _rows,
     _uncommitted,
     assert_same_warehouse,
 )
@@ -95,7 +94,7 @@ def test_the_report_flow_writes_into_the_bucket_like_a_local_run(s3_report, tiny
     assert links and all(is_committed(url, f"report/{slug}/{link}") for link in links), links
     # its numbers are the bucket's views (which equal the local run's)
     base = next(i for i in result["sae_ids"] if i.startswith("tiny-R2-k4-all-"))
-    ((ratio,),) = _rows(url, f"SELECT ratio_token FROM variance_summary WHERE sae_id = '{base}'")
+    ((ratio,),) = table_rows(url, f"SELECT ratio_token FROM variance_summary WHERE sae_id = '{base}'")
     assert f" | {ratio:.3g} | " in text
     assert f"--out {url}" in text
 
@@ -114,7 +113,7 @@ def test_the_rerun_registry_reads_the_bucket_and_starts_only_the_missing_model(
     other = save_tiny_model(tmp_path / "other")
     params = dict(expansion_factors=[2], ks=[4], train_tokens=2048, eval_tokens=512,
                   seq_len=64, baselines=False, lens="off")
-    tiny = next(m for (m,) in _rows(url, "SELECT DISTINCT model FROM saes"))
+    tiny = next(m for (m,) in table_rows(url, "SELECT DISTINCT model FROM saes"))
     registry = tmp_path / "models.yaml"
     registry.write_text(yaml.safe_dump({"models": [
         {"model": tiny, "parameters": params}, {"model": str(other), "parameters": params}]}))

@@ -7,7 +7,6 @@ The same into a bucket of a real S3-compatible server (moto's, on loopback)."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip
                                            "'.[dask]'")
 
 from tests.s3_server import moto_s3  # noqa: E402
-from tests.test_flows_support import request, snapshot, table_rows  # noqa: E402
+from tests.test_flows_support import request, same_values, snapshot, table_rows  # noqa: E402
 
 # Generous: on a loaded 2-core machine one sweep has taken ten times its usual ~25 s.
 pytestmark = pytest.mark.timeout(600)
@@ -170,19 +169,10 @@ def assert_same_warehouse(want_where, got_where) -> None:
             want, got = want_con.execute(query).fetchall(), got_con.execute(query).fetchall()
             assert len(got) == len(want), name
             for want_row, got_row in zip(want, got, strict=True):
-                assert _close(want_row, got_row), (name, want_row, got_row)
+                assert same_values(want_row, got_row), (name, want_row, got_row)
     finally:
         want_con.close()
         got_con.close()
-
-
-def _close(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12,
-                                                                  abs_tol=1e-12)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(map(_close, a, b))
-    return a == b
 
 
 def test_without_an_address_the_runner_starts_a_local_cluster_of_worker_processes():

@@ -19,7 +19,6 @@ and a real temporary Prefect server.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -35,7 +34,7 @@ pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip in
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
 
 from tests.s3_server import moto_s3  # noqa: E402
-from tests.test_flows_support import request  # noqa: E402
+from tests.test_flows_support import request, same_values, table_rows  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,31 +67,12 @@ def _fs():
     return s3fs.S3FileSystem()
 
 
-def _rows(where, query: str) -> list[tuple]:
-    from mlsae.warehouse import connect
-
-    con = connect(where, read_only=True)
-    try:
-        return con.execute(query).fetchall()
-    finally:
-        con.close()
-
-
 def _without_cache_path(config: str) -> dict:
     """saes.config records the activation cache's local path (a scratch directory here, the
     warehouse there): the one field that names where the run happened."""
     parsed = json.loads(config)
     parsed.get("extra", {}).pop("cache", None)
     return parsed
-
-
-def _same(a, b, rel_tol: float = 1e-12) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel_tol,
-                                                                  abs_tol=rel_tol)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same(x, y, rel_tol) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def assert_same_warehouse(local, url: str, rel_tol: float = 1e-12) -> None:
@@ -122,7 +102,7 @@ def _compare(con_local, con_url, rel_tol: float = 1e-12) -> None:
         if name in ("latents", "tokens", "saes", "layer_metrics", "variance_summary"):
             assert want, name
         for row_want, row_got in zip(want, got, strict=True):
-            assert _same(list(row_want), list(row_got), rel_tol), (name, row_want, row_got)
+            assert same_values(list(row_want), list(row_got), rel_tol), (name, row_want, row_got)
 
 
 def _sae_objects(url: str, sae_id: str) -> dict[str, dict]:
@@ -220,8 +200,8 @@ def test_a_kill_mid_upload_leaves_nothing_visible_and_the_rerun_no_debris(
     assert not fs.exists(f"{prefix}/.commits/parts/sae_id={sae_id}/part-00000.json")
     assert f"latent_layer_sums/sae_id={sae_id}/part-00000.parquet" in _uncommitted(url)
     # readers see no row of the uncommitted part (and no part without its sums)
-    assert _rows(url, "SELECT count(*) FROM latents") == [(0,)]
-    assert _rows(url, "SELECT count(*) FROM latent_layer_sums") == [(0,)]
+    assert table_rows(url, "SELECT count(*) FROM latents") == [(0,)]
+    assert table_rows(url, "SELECT count(*) FROM latent_layer_sums") == [(0,)]
 
     # the rerun publishes what is missing, over the same keys, and deletes the debris
     with workspace(url, [sae_id]):

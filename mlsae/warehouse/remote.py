@@ -325,6 +325,18 @@ def clean_debris(where: str | os.PathLike, sae_ids: Iterable[str],
     return debris
 
 
+def committed_files(where: str | os.PathLike) -> list[str]:
+    """Every file of the warehouse at URL `where` that readers take, relative to it: the
+    files of intact committed units (one listing and the commit objects; no data is
+    read), or every file of a warehouse copied without mlsae (no commits)."""
+    store = open_store(where)
+    listing = store.listing()
+    if not any(rel.startswith(COMMITS_DIR + "/") for rel in listing):
+        return sorted(listing)
+    return sorted(rel for commit in read_commits(store).values() if is_intact(commit, listing)
+                  for rel in commit.files)
+
+
 def is_committed(where: str | os.PathLike, relative: str) -> bool:
     """Whether the file `relative` (to the warehouse at URL `where`) is visible: listed by
     the commit of its unit, with the object still carrying the committed size and ETag (an
