@@ -25,7 +25,8 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     Trains a star-shaped grid around a base config (R=4, k=16 by default) on the
     FIRST model: every R at the base k, every k at the base R, the base config
     with the tuned lens, a single-layer SAE per layer at the base config, and
-    the R dose-response (--dose-R at --dose-k); every other --model gets the
+    the R dose-response (--dose-R at --dose-k, and again at --dose-train-tokens
+    when given: the budget check); every other --model gets the
     base-config MLSAE only, with the same budget (the cross-model section).
     Then writes <out>/report/<first model>/report.md with its figures (--out
     may be a bucket URL, s3://bucket/prefix, as for `mlsae run`).
@@ -50,14 +51,15 @@ def command(preset, out, refresh, dry_run, as_json, copy_to, **fields) -> None:
     where = out or default_warehouse_location()
     fail_fast(check_writable, where)
     # planned against the directory the run writes (a URL's local working copy)
-    plans = fail_fast(check_report_plans, request, models, str(working_dir(where)))
+    planned = fail_fast(check_report_plans, request, models, str(working_dir(where)))
+    plans = planned.models
     if dry_run:
-        print_plan(plans, as_json, where=where)
+        print_plan(planned.all, as_json, where=where)
         return
     from flows.cmd_run import print_start
     from flows.report import report
 
-    for plan in plans:
+    for plan in planned.all:
         print_start(plan, where)
     start = time.perf_counter()
     result = call_flow(report, preset=preset, **request.given(), models=models, out=out,

@@ -121,9 +121,11 @@ class RunProgress:
                      f", ETA ~{format_duration(eta)}" if eta and share < 1 else "")
 
 
-def submit_model(plan: Plan, out: Path | str, steps: dict[str, Any]
-                 ) -> tuple[PrefectFuture, dict[str, PrefectFuture]]:
+def submit_model(plan: Plan, out: Path | str, steps: dict[str, Any], *, figures: bool = True
+                 ) -> tuple[PrefectFuture | None, dict[str, PrefectFuture]]:
     """Submit one model's whole task graph; return (figures future, analysis futures by sae_id).
+    figures=False: no model figures (None), for a second plan on the same model (the report's
+    dose-response at its own budget), whose figures would replace the first plan's.
 
     Futures carry the dependencies, so a concurrent task runner (the sweep's) runs
     independent configs side by side while each config's steps stay in order:
@@ -176,10 +178,12 @@ def submit_model(plan: Plan, out: Path | str, steps: dict[str, Any]
         sae_id: track(steps["analyse-autoencoder"].submit(
             sae_id=sae_id, logged=logged, evaluated=evaluated, out=where), f"analyse:{sae_id}")
         for sae_id, logged in logged_by_id.items()}
-    figures = track(steps["draw-model-figures"].submit(
+    if not figures:
+        return None, analyses
+    drawn = track(steps["draw-model-figures"].submit(
         plan=stable_plan(plan), cache=cache, lens=lens, trained=trained, metrics=evaluated,
         analyses=list(analyses.values()), out=where), "figures")
-    return figures, analyses
+    return drawn, analyses
 
 
 def result_of(plan: Plan, out: Path | str, figures: PrefectFuture,

@@ -1,7 +1,8 @@
 """The report flow: reproduce the paper's findings on a model (and across a family of
 models) as a generated report.
 
-    validate every model's grid (no compute) -> the pipeline's task graph per model ->
+    validate every model's grid (no compute) -> the pipeline's task graph per model (and for
+    the dose-response at its own budget, Grid.dose_train_tokens) ->
     write-report (Markdown + PNG into <warehouse>/report/<first model>/, a Prefect artifact;
     for a warehouse at a URL written in the worker's working copy and published to the bucket)
 
@@ -79,23 +80,27 @@ def report(
     models = report_models(models, target)
     request = report_request(preset, target, grid, budget)
     # planned against the directory the run writes (for a URL: its working copy's disk)
-    plans = check_report_plans(request, models, str(working_dir(out_dir)))
+    planned = check_report_plans(request, models, str(working_dir(out_dir)))
+    plans = planned.models
     prepare_warehouse(out_dir)
     ensure_gpu_limit()
-    for plan in plans:
+    for plan in planned.all:
         run_logger().info("report: %d autoencoders on %s, %d training tokens per layer",
                           len(plan["specs"]), plan["model"]["name"], plan["train_tokens"])
     steps = bind_tasks(out_dir, refresh)
     submitted = [submit_model(plan, out_dir, steps) for plan in plans]
     (figures, analyses), family = submitted[0], submitted[1:]
+    dose_done = [] if planned.dose is None else list(
+        submit_model(planned.dose, out_dir, steps, figures=False)[1].values())
     base = (request.grid.base_expansion_factor, request.grid.base_k)
     manifest: ReportManifest = write_report.submit(
         plan=plans[0], base=base, figures=figures, analyses=list(analyses.values()),
         family=plans[1:], family_figures=[f for f, _ in family],
         family_analyses=[a for _, done in family for a in done.values()],
+        dose=planned.dose, dose_analyses=dose_done,
         command=report_command_line(request, models, out), started_at=start, out=str(out_dir),
         out_arg=out).result()
     return ReportResult(out=str(out_dir), report=manifest["report"],
                         report_dir=manifest["report_dir"],
-                        sae_ids=[s["sae_id"] for plan in plans for s in plan["specs"]],
+                        sae_ids=[s["sae_id"] for plan in planned.all for s in plan["specs"]],
                         seconds=round(time.time() - start, 1))

@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 
 class InvalidRequest(ValueError):
@@ -161,6 +161,11 @@ class Grid:
     baselines), beside the grid; repeat for several."""
     dose_k: int | None = field(default=None, metadata=cli())
     """The k of the R dose-response (see --dose-R)."""
+    dose_train_tokens: int | None = field(default=None, metadata=cli(commands=("report",)))
+    """Report only: train the R dose-response (--dose-R at --dose-k) also at this budget
+    (training tokens per layer), large enough for FVU to settle at the largest R; the report
+    reads the dose-response at this budget and compares it with the grid's budget (the
+    budget check). Unset: the dose-response at the grid's budget only."""
 
     def __post_init__(self) -> None:
         for name in ("expansion_factors", "ks", "dose_expansion_factors"):
@@ -193,6 +198,7 @@ class Grid:
         _check_positive("Grid", "base_expansion_factor", self.base_expansion_factor)
         _check_positive("Grid", "base_k", self.base_k)
         _check_positive("Grid", "dose_k", self.dose_k)
+        _check_positive("Grid", "dose_train_tokens", self.dose_train_tokens)
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -297,10 +303,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sweep": {"grid": dict(expansion_factors=[2, 4], ks=[8, 16], lens="off", baselines=False),
               "budget": _DEMO_BUDGET},
     # The report's star grid; steps of 1024 tokens so FVU settles within the embedded corpus.
-    # Beside the star, an R dose-response at k 32 up to the paper's R 64 (issue 14).
+    # Beside the star, an R dose-response at k 32 up to the paper's R 64 (issue 14), also at
+    # 4x the budget: at 2M tokens per layer R 64's FVU was still falling (docs/report, the
+    # budget check).
     "report": {"grid": dict(expansion_factors=[2, 4, 8], ks=[8, 16, 32], base_expansion_factor=4,
                             base_k=16, lens="both", baselines=True,
-                            dose_expansion_factors=[4, 16, 64], dose_k=32),
+                            dose_expansion_factors=[4, 16, 64], dose_k=32,
+                            dose_train_tokens=8_000_000),
                "budget": dict(train_tokens=2_000_000, eval_tokens=16_384, seq_len=128,
                               batch_tokens=1024, lr=1e-3, shuffle_tokens=65_536)},
     # The paper's recipe (SPEC 1-2).
@@ -704,8 +713,11 @@ def _check_disk(disk: dict[str, int], problems: list[str]) -> None:
                     f"{fix}or lower --eval-tokens / the grid")
 
 
-def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
-    """Every check that needs no compute, then the plan; InvalidRequest listing every problem."""
+def make_plan(request: RunRequest, out: str | Path | None = None, *, for_report: bool = False
+              ) -> Plan:
+    """Every check that needs no compute, then the plan; InvalidRequest listing every problem.
+    `for_report`: the report's first model (its dose-response may have a budget of its own,
+    planned by dose_plan_request)."""
     from mlsae.models import ModelLoadError
 
     if not isinstance(request, RunRequest):
@@ -747,6 +759,27 @@ def make_plan(request: RunRequest, out: str | Path | None = None) -> Plan:
     if bool(dose) != (grid.dose_k is not None):
         problems.append("an R dose-response needs both --dose-R and --dose-k (or neither)")
         dose = []
+    # A preset's dose budget is the report's business: `mlsae run --preset report` trains
+    # the grid's budget only. Given explicitly to another command, it is an error.
+    if grid.dose_train_tokens is not None and (
+            for_report or "dose_train_tokens" in request.explicit["grid"]):
+        if not for_report:
+            problems.append("--dose-train-tokens is read by `mlsae report` only: train the "
+                            "dose-response at another budget with --train-tokens instead")
+        elif not dose:
+            problems.append("--dose-train-tokens needs an R dose-response (--dose-R and "
+                            "--dose-k)")
+        elif grid.dose_train_tokens == budget.train_tokens:
+            problems.append(f"--dose-train-tokens {grid.dose_train_tokens:,} equals "
+                            "--train-tokens: give another budget (the dose-response is "
+                            "trained at the grid's budget anyway)")
+        elif ("dose_train_tokens" not in request.explicit["grid"]
+              and "train_tokens" in request.explicit["budget"]
+              and budget.train_tokens > grid.dose_train_tokens):
+            problems.append(f"--train-tokens {budget.train_tokens:,} is above the preset's "
+                            f"dose-response budget ({grid.dose_train_tokens:,} tokens per "
+                            "layer): give --dose-train-tokens too (a larger budget for the "
+                            "budget check)")
     for r, k in [(r, k) for r in rs for k in ks] + [(r, grid.dose_k) for r in dose]:
         n_latents = r * d_model
         if k > n_latents:
@@ -861,7 +894,7 @@ def report_request(preset: str = "report", target: Target | dict | None = None,
 
 def check_report_plan(request: RunRequest, out: str | None = None) -> Plan:
     """The star grid's plan; InvalidRequest listing every problem before any compute."""
-    plan = make_plan(request, out)
+    plan = make_plan(request, out, for_report=True)
     if plan["model"]["n_layers"] < 2 or len(plan["layers"]) < 2:
         raise InvalidRequest(f"model {plan['model']['name']!r}: a multi-layer report needs "
                                 "at least two blocks")
@@ -899,14 +932,46 @@ def family_request(request: RunRequest, model: str) -> RunRequest:
     family.grid = dataclasses.replace(
         request.grid, expansion_factors=[request.grid.base_expansion_factor],
         ks=[request.grid.base_k], lens="off", baselines=False, layers=None,
-        dose_expansion_factors=None, dose_k=None)
+        dose_expansion_factors=None, dose_k=None, dose_train_tokens=None)
     return family
 
 
+def dose_plan_request(request: RunRequest, model: str) -> RunRequest | None:
+    """The report's dose-response at its own budget (Grid.dose_train_tokens) on the first
+    model: only the MLSAE at each dose R at the dose k (no lens, no baselines), every other
+    setting as the grid's, so each differs from its twin at the grid's budget in the budget
+    alone. None when the request gives no dose budget."""
+    grid = request.grid
+    if grid.dose_train_tokens is None or not grid.dose_expansion_factors or grid.dose_k is None:
+        return None
+    dose = _with_model(request, model)
+    dose.grid = dataclasses.replace(
+        grid, expansion_factors=list(grid.dose_expansion_factors), ks=[grid.dose_k],
+        lens="off", baselines=False, base_expansion_factor=None, base_k=None,
+        dose_expansion_factors=None, dose_k=None, dose_train_tokens=None)
+    dose.budget = dataclasses.replace(request.budget, train_tokens=grid.dose_train_tokens)
+    dose.explicit = {**dose.explicit,
+                     "budget": sorted({*dose.explicit.get("budget", []), "train_tokens"})}
+    return dose
+
+
+class ReportPlans(NamedTuple):
+    """The report's plans: one per model, and the dose-response at its own budget."""
+
+    models: list[Plan]
+    """The star grid on the first model, the base-config MLSAE on every other."""
+    dose: Plan | None
+    """The first model's dose-response at Grid.dose_train_tokens (None: not asked)."""
+
+    @property
+    def all(self) -> list[Plan]:
+        return [*self.models, *([self.dose] if self.dose else [])]
+
+
 def check_report_plans(request: RunRequest, models: list[str], out: str | None = None
-                       ) -> list[Plan]:
-    """One plan per model of the report: the star grid on models[0], the base-config MLSAE on
-    every other; InvalidRequest listing every problem of every model before any compute."""
+                       ) -> ReportPlans:
+    """The report's plans (ReportPlans); InvalidRequest listing every problem of every model
+    before any compute."""
     plans: list[Plan] = []
     problems: list[str] = []
     if not models:
@@ -917,9 +982,19 @@ def check_report_plans(request: RunRequest, models: list[str], out: str | None =
                                            else family_request(request, model), out))
         except InvalidRequest as err:
             problems.append(f"{model}: {err}" if len(models) > 1 else str(err))
+    dose: Plan | None = None
+    dose_request = dose_plan_request(request, models[0])
+    if dose_request is not None and not problems:
+        try:
+            dose = make_plan(dose_request, out)
+            # its budget is --dose-train-tokens: say so where the plan names the option
+            dose["notes"] = [n.replace("--train-tokens", "--dose-train-tokens")
+                             for n in dose["notes"]]
+        except InvalidRequest as err:
+            problems.append(f"the dose-response at --dose-train-tokens: {err}")
     if problems:
         raise InvalidRequest("\n".join(problems))
-    return plans
+    return ReportPlans(plans, dose)
 
 
 def plan_sweep(models: list[str], preset: str = "sweep", target: Target | dict | None = None,

@@ -57,20 +57,25 @@ def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
                  analyses: list[AnalysisManifest], command: str, started_at: float,
                  out: str, out_arg: str | None = None, family: list[Plan] | None = None,
                  family_figures: list[FiguresManifest] | None = None,
-                 family_analyses: list[AnalysisManifest] | None = None) -> ReportManifest:
+                 family_analyses: list[AnalysisManifest] | None = None,
+                 dose: Plan | None = None,
+                 dose_analyses: list[AnalysisManifest] | None = None) -> ReportManifest:
     """Rewrite <out>/report/<model>/report.md from the warehouse (never cached: it is cheap
     and must reflect the warehouse as it is now). `family`: the other models' plans (one
-    base-config MLSAE each); their figures and analyses are awaited, not read. For a
+    base-config MLSAE each); their figures and analyses are awaited, not read; likewise
+    `dose`, the first model's dose-response at its own budget (Grid.dose_train_tokens). For a
     warehouse at a URL the report is written in the working copy (the autoencoders, the
     model's figures and the report's ledger pulled from the bucket first) and published."""
     from mlsae import warehouse
     from mlsae.warehouse.workspace import workspace
 
     model = plan["model"]
-    ids = [s["sae_id"] for p in (plan, *(family or [])) for s in p["specs"]]
+    ids = [s["sae_id"] for p in (plan, *(family or []), *([dose] if dose else []))
+           for s in p["specs"]]
     with workspace(out, ids, write=False, shared=(warehouse.report_prefix(model["slug"]),
                                                   warehouse.figures_prefix(model["slug"]))):
-        result, target = _write(plan, base, figures, command, started_at, out, out_arg, family)
+        result, target = _write(plan, base, figures, command, started_at, out, out_arg, family,
+                                dose)
     report = warehouse.public_path(out, result.report)
     _link(report, result.report.read_text(), model["name"])
     return ReportManifest(report=report, report_dir=warehouse.public_path(out, target),
@@ -78,7 +83,8 @@ def write_report(plan: Plan, base: tuple[int, int], figures: FiguresManifest,
 
 
 def _write(plan: Plan, base: tuple[int, int], figures: FiguresManifest, command: str,
-           started_at: float, out: str, out_arg: str | None, family: list[Plan] | None):
+           started_at: float, out: str, out_arg: str | None, family: list[Plan] | None,
+           dose: Plan | None = None):
     """Write the report into the warehouse's (working) directory: (its ReportOutput, its
     directory)."""
     from mlsae import warehouse
@@ -92,12 +98,18 @@ def _write(plan: Plan, base: tuple[int, int], figures: FiguresManifest, command:
                          d_model=p["model"]["d_model"],
                          base_id=next(s["sae_id"] for s in p["specs"] if s["role"] == "mlsae"),
                          **_model_inputs(p, out)) for p in family or []]
+    def entries(p: Plan, train_tokens: int | None = None) -> list[GridEntry]:
+        return [GridEntry(sae_id=s["sae_id"], role=s["role"],
+                          expansion_factor=s["expansion_factor"], k=s["k"], lens=s["lens"],
+                          layers=list(s["layers"]), run_dir=str(autoencoder_dir(out, s["sae_id"])),
+                          train_tokens=train_tokens)
+                for s in p["specs"]]
+
     inputs = ReportInputs(
         warehouse=out if warehouse.is_url(out) else Path(out), model=model["name"],
         data=plan["data"], n_layers=len(plan["layers"]), d_model=model["d_model"],
-        grid=[GridEntry(sae_id=s["sae_id"], role=s["role"], expansion_factor=s["expansion_factor"],
-                        k=s["k"], lens=s["lens"], layers=list(s["layers"]),
-                        run_dir=str(autoencoder_dir(out, s["sae_id"]))) for s in plan["specs"]],
+        grid=entries(plan), dose_grid=entries(dose, dose["train_tokens"]) if dose else [],
+        dose_train_tokens=dose["train_tokens"] if dose else None,
         base_id=base_id, train_tokens=plan["train_tokens"], eval_tokens=plan["eval_tokens"],
         seq_len=plan["seq_len"], lr=plan["lr"],
         batch_tokens=min(plan["batch_tokens"], plan["train_tokens"]), command=command,

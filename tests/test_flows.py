@@ -234,20 +234,29 @@ def test_report_flow_writes_every_section_and_resumes_from_the_cache(prefect_api
                          LensTrainConfig(steps=3, batch_size=2, seq_len=64))
     other = save_tiny_model(tmp_path / "other", n_layers=2, d_model=48)
     flat = dict(model=str(tiny), expansion_factors=[1, 2], ks=[2, 4], base_expansion_factor=2,
-                base_k=4, dose_expansion_factors=[1], dose_k=4, train_tokens=2048,
+                base_k=4, dose_expansion_factors=[1], dose_k=4, dose_train_tokens=4096,
+                train_tokens=2048,
                 eval_tokens=512, seq_len=64)
     params = {**request(**flat), "preset": "report", "out": str(out)}
     result = report(**params, models=[str(tiny), str(other)])
     ids = result["sae_ids"]
     # R in {1, 2} at k=4 (the dose line: R 1 is on the star), k=2 at R=2, the base with the
-    # lens, 3 single-layer SAEs; the other model's base MLSAE.
-    assert len(ids) == 3 + 1 + 3 + 1 and sum("-lens-" in i for i in ids) == 1
+    # lens, 3 single-layer SAEs; the other model's base MLSAE; the dose line's R 1 again at
+    # the dose budget.
+    assert len(ids) == 3 + 1 + 3 + 1 + 1 and sum("-lens-" in i for i in ids) == 1
     assert sum(re.search(r"-L\d-", i) is not None for i in ids) == 3
     assert sum(i.startswith("other-R2-k4-all-") for i in ids) == 1
+    dose_ids = [i for i in ids if i.startswith("tiny-R1-k4-all-")]
+    assert len(dose_ids) == 2
+    budgets = dict(table_rows(out, "SELECT sae_id, train_tokens FROM saes WHERE sae_id IN "
+                                   f"('{dose_ids[0]}', '{dose_ids[1]}')"))
+    assert sorted(budgets.values()) == [2048, 4096]
     text = Path(result["report"]).read_text()
     for n in range(8):
         assert f"\n## {n}. " in text, n
     assert "### R dose-response at k 4" in text and "Not testable" not in text
+    check = text[text.index("#### Budget check: 2.05k vs 4.1k tokens per layer"):]
+    assert "| 1 | 2,048 | " in check and "| 1 | 4,096 | " in check
     links = re.findall(r"\]\((figures/[^)]+)\)", text)
     assert len(links) >= 10 and {"figures/fig1_models.png",
                                  "figures/activity_vs_model_size.png"} <= set(links)

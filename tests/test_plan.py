@@ -21,6 +21,7 @@ from mlsae.plan import (
     InvalidRequest,
     RunRequest,
     Target,
+    check_report_plans,
     make_plan,
     nest_fields,
     parse_size,
@@ -94,22 +95,26 @@ def test_a_zero_budget_on_the_cli_is_an_error_not_the_default(tmp_path):
 
 
 def test_the_cli_options_and_the_flows_come_from_one_definition():
-    """Every request field is an option of run, sweep and report (help = its docstring),
-    and every flow takes the request as (preset, target, grid, budget)."""
+    """Every request field is an option of run, sweep and report (help = its docstring)
+    unless it names the commands it belongs to (--dose-train-tokens: report only), and every
+    flow takes the request as (preset, target, grid, budget)."""
     from flows.cli import main
     from flows.pipeline import pipeline
     from flows.report import report
     from flows.sweep import sweep
     from mlsae.plan import field_docs
 
-    fields = {f.name for cls in PARTS.values() for f in dataclasses.fields(cls)}
     for name in ("run", "sweep", "report"):
         command = main.commands[name]
         params = {p.name: p for p in command.params}
-        assert fields <= set(params), (name, fields - set(params))
         for part in PARTS.values():
             for f in dataclasses.fields(part):
+                if name not in f.metadata["cli"]["commands"]:
+                    assert f.name not in params, (name, f.name)
+                    continue
+                assert f.name in params, (name, f.name)
                 assert field_docs(part)[f.name].split(".")[0] in params[f.name].help
+    assert "dose_train_tokens" in {p.name for p in main.commands["report"].params}
     for flow in (pipeline, sweep, report):
         signature = inspect.signature(flow.fn).parameters
         assert {"preset", "target", "grid", "budget", "out", "refresh"} <= set(signature)
@@ -133,7 +138,8 @@ def test_planning_matches_the_historical_ids_and_scales_short_runs():
 def test_report_star_grid_matches_the_report():
     from mlsae.plan import report_request
 
-    plan = make_plan(report_request())
+    planned = check_report_plans(report_request(), ["embedded"])
+    plan = planned.models[0]
     roles = [(s["expansion_factor"], s["k"], s["lens"], s["role"]) for s in plan["specs"]]
     mlsaes = {r[:3] for r in roles if r[3] == "mlsae"}
     star = {(2, 16, False), (4, 16, False), (8, 16, False), (4, 8, False), (4, 32, False),
@@ -141,6 +147,37 @@ def test_report_star_grid_matches_the_report():
     dose = {(16, 32, False), (64, 32, False)}  # R 4 at k 32 is already on the star
     assert mlsaes == star | dose and len(roles) == len(set(roles)) + 5  # baselines share R/k
     assert sum(r[3] == "baseline" for r in roles) == 6
+    # ...and the dose line again at its own budget: the same configs, the budget alone differs
+    long = planned.dose
+    assert long["train_tokens"] == 8_000_000 > plan["train_tokens"]
+    assert [(s["expansion_factor"], s["k"], s["lens"], s["role"]) for s in long["specs"]] == [
+        (4, 32, False, "mlsae"), (16, 32, False, "mlsae"), (64, 32, False, "mlsae")]
+    twins = {s["expansion_factor"]: s["sae_id"] for s in plan["specs"]
+             if s["k"] == 32 and not s["lens"] and s["role"] == "mlsae"}
+    for spec in long["specs"]:
+        assert spec["sae_id"] != twins[spec["expansion_factor"]]
+        assert spec["sae_id"].rsplit("-", 1)[0] == twins[spec["expansion_factor"]].rsplit("-", 1)[0]
+    assert {k: v for k, v in long["budget"].items() if k != "train_tokens"} == {
+        k: v for k, v in plan["budget"].items() if k != "train_tokens"}
+
+
+def test_dose_budget_is_checked_before_any_compute():
+    from mlsae.plan import report_request
+
+    with pytest.raises(InvalidRequest, match="read by `mlsae report` only"):
+        make_plan(RunRequest(preset="report", grid={"dose_train_tokens": 4_000_000}))
+    # the preset's dose budget is not given: `mlsae run --preset report` trains the grid
+    assert make_plan(RunRequest(preset="report"))["train_tokens"] == 2_000_000
+    with pytest.raises(InvalidRequest, match="needs an R dose-response"):
+        check_report_plans(report_request(grid={"dose_train_tokens": 4_000_000, "dose_k": None,
+                                                "dose_expansion_factors": None},
+                                          preset="demo"), ["embedded"])
+    with pytest.raises(InvalidRequest, match="equals --train-tokens"):
+        check_report_plans(report_request(grid={"dose_train_tokens": 2_000_000}), ["embedded"])
+    with pytest.raises(InvalidRequest, match="give --dose-train-tokens too"):
+        check_report_plans(report_request(budget={"train_tokens": 9_000_000}), ["embedded"])
+    with pytest.raises(InvalidRequest, match="--dose-train-tokens 0"):
+        report_request(grid={"dose_train_tokens": 0})
 
 
 def test_dose_response_needs_both_fields_and_fits_k():

@@ -144,20 +144,26 @@ def built_report(tmp_path_factory) -> Built:
                                              max_sequences=8))
 
     out = tmp_path / "wh"
-    grid = []
+    grid, dose_grid = [], []
     for sae_id, spill, r, k in [("a-R4-k4", 0.6, 4, 4), ("a-R8-k4", 0.3, 8, 4),
-                                ("a-R4-k2", 0.2, 4, 2), ("b-R4-k4", 0.1, 4, 4)]:
+                                ("a-R4-k2", 0.2, 4, 2), ("b-R4-k4", 0.1, 4, 4),
+                                ("a-R4-k4-long", 0.5, 4, 4), ("a-R8-k4-long", 0.25, 8, 4)]:
         write_spill_tables(out, sae_id, SpillTables(n_layers=3, n_latents=8 * r,
                                                     latents_per_token=k, n_sequences=40,
                                                     seq_len=64, spill=spill))
         # the saes row as the pipeline writes it (the synthetic writer says R 1)
+        long = sae_id.endswith("-long")
         write_sae_record(out, SaeRecord(sae_id=sae_id, model=sae_id[0], d_model=8,
                                         n_latents=8 * r, expansion_factor=r, k=k,
-                                        layers=[0, 1, 2]), overwrite=True)
-        write_layer_metrics(out, sae_id, [{"layer": i, "fvu": 0.1 * r / 4, "delta_ce": 0.05,
-                                           "kl": 0.04, "dead_fraction": 0.01 * r}
-                                          for i in range(3)])
-        if sae_id.startswith("a-"):
+                                        layers=[0, 1, 2], train_tokens=4000 if long else 1000),
+                         overwrite=True)
+        write_layer_metrics(out, sae_id, [{"layer": i, "fvu": 0.1 * r / 4 / (2 if long else 1),
+                                           "delta_ce": 0.05, "kl": 0.04,
+                                           "dead_fraction": 0.01 * r} for i in range(3)])
+        if long:  # the dose line (k 4) again at 4x the budget
+            dose_grid.append(GridEntry(sae_id, "mlsae", r, k, False, [0, 1, 2],
+                                       str(tmp_path / sae_id), train_tokens=4000))
+        elif sae_id.startswith("a-"):
             grid.append(GridEntry(sae_id, "mlsae", r, k, False, [0, 1, 2], str(tmp_path / sae_id)))
     write_sae_record(out, SaeRecord(sae_id="single-1", model="synthetic", d_model=8,
                                     n_latents=32, expansion_factor=4, k=4, layers=[1]))
@@ -171,7 +177,7 @@ def built_report(tmp_path_factory) -> Built:
                           eval_tokens=2560, seq_len=64, lr=1e-3, batch_tokens=256,
                           command="mlsae report", calibration_tokens=256, dose_k=4,
                           extract=sample(small), n_params=count_parameters(small),
-                          family=family)
+                          family=family, dose_grid=dose_grid, dose_train_tokens=4000)
     report_dir = tmp_path / "report"
     output = write_report(inputs, report_dir)
     return Built(out, inputs, report_dir, output.report.read_text(), output)
@@ -191,9 +197,11 @@ def test_report_compares_the_paper_only_with_the_reference_statistic(built_repor
     summary = {r["sae_id"]: r for r in wh.query_dicts(con, "SELECT * FROM variance_summary")}
     con.close()
     assert summary["single-1"]["n_live"] is None and summary["single-1"]["n_tokens"] == 0
-    assert set(rows) == {"a-R4-k4", "a-R8-k4", "a-R4-k2", "b-R4-k4"}
+    assert set(rows) == {"a-R4-k4", "a-R8-k4", "a-R4-k2", "b-R4-k4", "a-R4-k4-long",
+                         "a-R8-k4-long"}
     like = text[text.index("### Like for like with the paper"):]
-    for label, sae_id in [("MLSAE R4 k4", "a-R4-k4"), ("MLSAE R4 k2", "a-R4-k2")]:
+    for label, sae_id in [("MLSAE R4 k4", "a-R4-k4"), ("MLSAE R4 k2", "a-R4-k2"),
+                          ("MLSAE R8 k4 at 4k", "a-R8-k4-long")]:
         r = rows[sae_id]
         assert r["ref_n_batches"] == 1  # 2,560 tokens: one full 2048-token batch
         line = next(x for x in like.splitlines() if x.startswith(f"| {label} |"))
@@ -204,7 +212,7 @@ def test_report_compares_the_paper_only_with_the_reference_statistic(built_repor
     assert (built_report.report_dir / "figures" / "calibration.png").stat().st_size > 10_000
     # Every mention of the paper's ~100 / "two orders of magnitude" sits in the like-for-like
     # subsections, the calibration, or finding 2, which quotes the reference A/B.
-    grid_ids = ("a-R4-k4", "a-R8-k4", "a-R4-k2")
+    grid_ids = ("a-R4-k4", "a-R8-k4", "a-R4-k2", "a-R4-k4-long", "a-R8-k4-long")
     finding = text[text.index("2. **Aggregated layer variance"):].split("\n\n")[0]
     assert f"{min(rows[i]['ref_ratio'] for i in grid_ids):.3g}" in finding
     assert "mass-weighted ratio is" not in text and "layer/token var 100" not in text
@@ -339,14 +347,41 @@ def test_dose_verdict_reads_the_trend_in_r():
     def dose(shares, refs):
         rows = [{"expansion_factor": r, "single_layer_share": s, "ref_ratio": x}
                 for r, s, x in zip([4, 16, 64], shares, refs, strict=True)]
-        return verdicts.dose(facts.DoseFacts(32, "", rows))
+        return verdicts.dose(facts.DoseFacts(32, "", rows, None, []))
 
     rising = dose([0.3, 0.4, 0.5], [10, 20, 40])
     assert rising.single_layer.grows and rising.ref_ratio.grows
     falling = dose([0.5, 0.4, 0.3], [40, 20, 10])
     assert not falling.single_layer.grows and falling.single_layer.correlation == pytest.approx(-1.0)
     assert verdicts.dose(facts.DoseFacts(32, "", [{"expansion_factor": 4,
-                                                   "single_layer_share": 0.3}])) is None
+                                                   "single_layer_share": 0.3}], None, [])) is None
+
+
+def test_budget_check_verdict_flips_with_the_twins():
+    from mlsae.report import facts, verdicts
+
+    def check(rows_by_r):
+        rows = [{"sae_id": f"R{r}-{t}", "expansion_factor": r, "train_tokens": t,
+                 "single_layer_share": share, "ref_ratio": ref, "fvu": fvu}
+                for r, pair in rows_by_r.items()
+                for t, (share, ref, fvu) in zip((1000, 4000), pair, strict=False)]
+        return verdicts.budget_check(facts.DoseFacts(32, "", [], "sql", rows[::-1]))
+
+    tol = verdicts.BUDGET_SHARE_TOLERANCE
+    held = check({4: [(0.30, 10, 0.2), (0.30 + tol / 2, 11, 0.1)],
+                  16: [(0.40, 20, 0.1), (0.40 - tol / 2, 19, 0.08)]})
+    assert held.stable and held.same_trends
+    assert held.twins[0].fvu_per_doubling == pytest.approx(0.5 ** 0.5 - 1)
+    assert held.twins[0].ref_change == pytest.approx(0.1)
+    share_moved = check({4: [(0.30, 10, 0.2), (0.30 + 2 * tol, 10, 0.2)]})
+    assert not share_moved.stable and share_moved.same_trends is None  # one R: no trend
+    ratio_moved = check({4: [(0.30, 10, 0.2), (0.30, 10 * (1.01 + verdicts.BUDGET_RATIO_TOLERANCE),
+                                                0.2)]})
+    assert not ratio_moved.stable
+    flipped = check({4: [(0.30, 10, 0.2), (0.41, 10, 0.2)], 16: [(0.40, 20, 0.1),
+                                                                  (0.40, 20, 0.1)]})
+    assert flipped.same_trends is False  # the share rises with R at 1k, falls at 4k
+    assert check({4: [(0.3, 10, 0.2)]}) is None  # one budget only
 
 
 def test_report_with_a_model_family_writes_every_section(built_report):
@@ -379,9 +414,28 @@ def test_report_with_a_model_family_writes_every_section(built_report):
         assert cells[6] == f"{activity[base]['single_layer_share']:.3g}"
         assert cells[8] == f"{activity[base]['mean_layer_std']:.3g}"
         assert cells[10] == f"{ratios[base]['ref_ratio']:.3g}"
-    dose = text[text.index("### R dose-response at k 4"):text.index("## 5.")]
+    # The dose section reads the dose line at its own budget; the budget check sets each
+    # beside its twin at the report's budget, its changes computed from the same rows.
+    dose = text[text.index("### R dose-response at k 4"):text.index("#### Budget check")]
+    assert "trained on 4,000 tokens per layer" in dose
     assert [line.split("|")[1].strip() for line in dose.splitlines()
             if line.startswith("| ") and line[2].isdigit()] == ["4", "8"]
+    check = text[text.index("#### Budget check: 1k vs 4k tokens per layer"):text.index("## 5.")]
+    budget = built_report.output.verdicts.budget
+    assert [t.expansion_factor for t in budget.twins] == [4, 8]
+    for t, short, long in zip(budget.twins, ("a-R4-k4", "a-R8-k4"),
+                              ("a-R4-k4-long", "a-R8-k4-long"), strict=True):
+        assert (t.short["sae_id"], t.long["sae_id"]) == (short, long)
+        assert t.share_change == pytest.approx(ratios[long]["single_layer_share"]
+                                               - ratios[short]["single_layer_share"], abs=1e-12)
+        assert t.ref_change == pytest.approx(ratios[long]["ref_ratio"]
+                                             / ratios[short]["ref_ratio"] - 1, rel=1e-12)
+        assert t.fvu_per_doubling == pytest.approx(0.5 ** 0.5 - 1)  # FVU halved over 2 doublings
+        assert f"| {t.expansion_factor} | {100 * t.share_change:+.1f} | " in check
+    for sae_id in ("a-R4-k4", "a-R4-k4-long", "a-R8-k4", "a-R8-k4-long"):
+        assert f" | {ratios[sae_id]['single_layer_share']:.3g} | " in check
+    # spills 0.6 -> 0.5 and 0.3 -> 0.25: shares move 5-10 points, beyond the tolerance
+    assert not budget.stable and "the statistics move with the budget" in check
 
     # Finding 3 is the verdict on the facts the report read: testable (two sizes), its
     # status in the text.

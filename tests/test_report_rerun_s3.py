@@ -36,7 +36,8 @@ BUCKET = "mlsae-report"
 # The smallest star: one MLSAE (R 2, k 4, also the dose line) and a single-layer SAE per
 # block of a random 2-block model, no lens.
 STAR = dict(expansion_factors=[2], ks=[4], base_expansion_factor=2, base_k=4, lens="off",
-            dose_expansion_factors=[2], dose_k=4, train_tokens=2048, eval_tokens=512,
+            dose_expansion_factors=[2], dose_k=4, dose_train_tokens=4096, train_tokens=2048,
+            eval_tokens=512,
             seq_len=64)
 
 
@@ -76,9 +77,15 @@ def test_the_report_flow_writes_into_the_bucket_like_a_local_run(s3_report, tiny
     # the report's grid into a local directory: the same plan (the star given in full), by
     # the pipeline flow, which skips the report writing (its tables are the comparison)
     local = tmp_path_factory.mktemp("local-report")
-    local_run = pipeline(**request(model=str(tiny), **STAR), preset="report", out=str(local))
-    assert sorted(local_run["sae_ids"]) == sorted(result["sae_ids"])
-    assert result["out"] == url and len(result["sae_ids"]) == 1 + 2
+    grid_only = {k: v for k, v in STAR.items() if k != "dose_train_tokens"}
+    local_run = pipeline(**request(model=str(tiny), **grid_only), preset="report",
+                         out=str(local))
+    dose = pipeline(**request(model=str(tiny), **{**grid_only, "train_tokens": 4096,
+                                                  "expansion_factors": [2], "ks": [4],
+                                                  "baselines": False}),
+                    preset="report", out=str(local))
+    assert sorted(local_run["sae_ids"] + dose["sae_ids"]) == sorted(result["sae_ids"])
+    assert result["out"] == url and len(result["sae_ids"]) == 1 + 2 + 1
     assert_same_warehouse(local, url)
     assert _uncommitted(url) == []
 

@@ -201,8 +201,13 @@ class DoseFacts(NamedTuple):
     k: int | None
     sql: str
     rows: list[dict]
-    """One row per MLSAE at k (no lens), by R: sae_id, expansion_factor, n_latents, the
-    ratios, single_layer_share, fvu, dead_fraction."""
+    """One row per MLSAE of the dose line (inputs.dose_line), by R: sae_id,
+    expansion_factor, n_latents, train_tokens, the ratios, single_layer_share, fvu,
+    dead_fraction."""
+    budget_sql: str | None
+    budget_rows: list[dict]
+    """The budget check (only with a dose budget): the same columns for every dose R at
+    both budgets, by R then train_tokens."""
 
 
 # -- section 5: heatmaps and MMCS ---------------------------------------------------------
@@ -245,7 +250,8 @@ class ReportFacts(NamedTuple):
 
 
 def grid_facts(inputs: ReportInputs, ledger: list[dict]) -> GridFacts:
-    return GridFacts(training={e.sae_id: training_facts(e.run_dir) for e in inputs.grid},
+    return GridFacts(training={e.sae_id: training_facts(e.run_dir)
+                               for e in [*inputs.grid, *inputs.dose_grid]},
                      runs=[r for r in ledger if r.get("wall_s") is not None],
                      cpu_count=os.cpu_count(), machine=platform.machine())
 
@@ -284,14 +290,16 @@ def residual_similarity_of(model: ModelEntry) -> statistics.ResidualSimilarity |
 def variance_facts(db: _Warehouse, inputs: ReportInputs) -> VarianceFacts:
     sql = ("SELECT sae_id, n_tokens, n_live, mean_layer_var, mean_prompt_var, mean_token_var, "
            "ratio_token, ratio_prompt, ref_var_aggregated, ref_var_token, ref_rel_var "
-           f"FROM variance_summary WHERE sae_id IN {in_list([e.sae_id for e in inputs.mlsaes])}")
+           "FROM variance_summary WHERE sae_id IN "
+           f"{in_list([e.sae_id for e in inputs.report_mlsaes])}")
     return VarianceFacts(sql=sql, rows=db.by_id(sql))
 
 
 def like_facts(db: _Warehouse, inputs: ReportInputs, variance: VarianceFacts) -> LikeForLikeFacts:
     sql = ("SELECT sae_id, ref_ratio, ref_n_batches, ref_batch_tokens, ref_var_aggregated, "
            "ref_var_token, ratio_mass, ratio_count, single_layer_share "
-           f"FROM variance_ratios WHERE sae_id IN {in_list([e.sae_id for e in inputs.mlsaes])}")
+           "FROM variance_ratios WHERE sae_id IN "
+           f"{in_list([e.sae_id for e in inputs.report_mlsaes])}")
     rows = db.by_id(sql)
     batch = next((r["ref_batch_tokens"] for r in rows.values()), 2048)
     return LikeForLikeFacts(sql=sql, rows=rows, batch_tokens=batch,
@@ -317,7 +325,7 @@ def calibration_facts(inputs: ReportInputs, like: LikeForLikeFacts) -> Calibrati
             curves[name] = calibration_curve(Path(scratch) / f"family-{i}",
                                              replace(spec, spill_width=width), DEFAULT_SPILLS)
     marks = {e.label: (r["single_layer_share"], {k: r.get(k) for k in RATIO_LABELS})
-             for e in inputs.mlsaes if (r := like.rows.get(e.sae_id))
+             for e in inputs.report_mlsaes if (r := like.rows.get(e.sae_id))
              and r.get("single_layer_share") is not None}
     return CalibrationFacts(spec=spec, spills=tuple(DEFAULT_SPILLS), curves=curves, marks=marks)
 
@@ -342,13 +350,21 @@ def activity_facts(db: _Warehouse, inputs: ReportInputs) -> ActivityFacts:
                          token_CL=token_CL, token_mass_CL=token_mass_CL, latent_CL=latent_CL)
 
 
+def _dose_sql(ids: Sequence[str]) -> str:
+    return ("SELECT s.sae_id, s.expansion_factor, s.n_latents, s.train_tokens, r.ref_ratio, "
+            "r.ratio_mass, r.ratio_count, r.single_layer_share, m.fvu, m.dead_fraction "
+            "FROM saes s JOIN variance_ratios r USING (sae_id) "
+            f"JOIN sae_metric_means m USING (sae_id) WHERE s.sae_id IN {in_list(ids)} "
+            "ORDER BY s.expansion_factor, s.train_tokens")
+
+
 def dose_facts(db: _Warehouse, inputs: ReportInputs) -> DoseFacts:
-    at_k = [e for e in inputs.mlsaes if not e.lens and e.k == inputs.dose_k]
-    sql = ("SELECT s.sae_id, s.expansion_factor, s.n_latents, r.ref_ratio, r.ratio_mass, "
-           "r.ratio_count, r.single_layer_share, m.fvu, m.dead_fraction FROM saes s "
-           "JOIN variance_ratios r USING (sae_id) JOIN sae_metric_means m USING (sae_id) "
-           f"WHERE s.sae_id IN {in_list([e.sae_id for e in at_k])} ORDER BY s.expansion_factor")
-    return DoseFacts(k=inputs.dose_k, sql=sql, rows=db.rows(sql) if at_k else [])
+    line = inputs.dose_line
+    sql = _dose_sql([e.sae_id for e in line])
+    twins = inputs.budget_twins
+    budget_sql = _dose_sql([e.sae_id for pair in twins for e in pair]) if twins else None
+    return DoseFacts(k=inputs.dose_k, sql=sql, rows=db.rows(sql) if line else [],
+                     budget_sql=budget_sql, budget_rows=db.rows(budget_sql) if budget_sql else [])
 
 
 def heatmap_facts(inputs: ReportInputs) -> HeatmapFacts:

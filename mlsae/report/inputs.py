@@ -22,12 +22,24 @@ class GridEntry:
     """Model blocks it reads (one for a single-layer SAE)."""
     run_dir: str
     """Its training directory (train_summary.json, the saved autoencoder under sae/)."""
+    train_tokens: int | None = None
+    """Training tokens per layer when not the report's budget (the dose-response at its own
+    budget); None: the report's budget."""
 
     @property
     def label(self) -> str:
         if self.role == "baseline":
             return f"layer-{self.layers[0]} SAE R{self.expansion_factor} k{self.k}"
-        return f"MLSAE R{self.expansion_factor} k{self.k}{' lens' if self.lens else ''}"
+        budget = f" at {short_tokens(self.train_tokens)}" if self.train_tokens else ""
+        return f"MLSAE R{self.expansion_factor} k{self.k}{' lens' if self.lens else ''}{budget}"
+
+
+def short_tokens(n: int) -> str:
+    """8000000 -> "8M", 16384 -> "16k", 1500000 -> "1.5M": a token budget in a label."""
+    for size, unit in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,12 @@ class ReportInputs:
     """Where the autoencoders were trained (named in the runtime paragraph)."""
     calibration_tokens: int = 8192
     """Tokens per synthetic table of the calibration (section 3): 4 batches of 2048."""
+    dose_grid: list[GridEntry] = field(default_factory=list)
+    """The dose-response's MLSAEs at their own budget (dose_train_tokens): the dose section
+    reads these, and the budget check compares each with its twin in `grid` (same R and k at
+    the report's budget). Empty: the dose-response at the report's budget only."""
+    dose_train_tokens: int | None = None
+    """Training tokens per layer of `dose_grid`."""
 
     def __post_init__(self) -> None:
         ids = [e.sae_id for e in self.grid]
@@ -117,6 +135,14 @@ class ReportInputs:
             raise ValueError(f"base autoencoder {self.base_id!r} is not in the grid")
         if len(set(ids)) != len(ids):
             raise ValueError("the grid lists an autoencoder twice")
+        if bool(self.dose_grid) != (self.dose_train_tokens is not None):
+            raise ValueError("dose_grid and dose_train_tokens go together")
+        if self.dose_train_tokens == self.train_tokens:
+            raise ValueError("dose_train_tokens equals train_tokens: no second budget")
+        if {e.sae_id for e in self.dose_grid} & set(ids):
+            raise ValueError("an autoencoder of dose_grid is also in the grid")
+        if any(e.role != "mlsae" or e.lens or e.k != self.dose_k for e in self.dose_grid):
+            raise ValueError("dose_grid holds MLSAEs at dose_k without the lens only")
 
     @property
     def mlsaes(self) -> list[GridEntry]:
@@ -129,6 +155,26 @@ class ReportInputs:
     @property
     def baselines(self) -> list[GridEntry]:
         return sorted((e for e in self.grid if e.role == "baseline"), key=lambda e: e.layers[0])
+
+    @property
+    def report_mlsaes(self) -> list[GridEntry]:
+        """The grid's MLSAEs, then the dose-response's at its own budget."""
+        return [*self.mlsaes, *self.dose_grid]
+
+    @property
+    def dose_line(self) -> list[GridEntry]:
+        """The dose-response the report reads, by R: the MLSAEs at dose_k (no lens) at the
+        dose budget when there is one, else at the report's budget."""
+        at_k = self.dose_grid or [e for e in self.mlsaes if not e.lens and e.k == self.dose_k]
+        return sorted(at_k, key=lambda e: e.expansion_factor)
+
+    @property
+    def budget_twins(self) -> list[tuple[GridEntry, GridEntry]]:
+        """(at the report's budget, at the dose budget) for every dose R trained at both."""
+        at_budget = {e.expansion_factor: e for e in self.mlsaes
+                     if not e.lens and e.k == self.dose_k}
+        return [(at_budget[e.expansion_factor], e) for e in self.dose_line
+                if self.dose_grid and e.expansion_factor in at_budget]
 
     @property
     def lens_entry(self) -> GridEntry | None:

@@ -13,8 +13,11 @@ import numpy as np
 
 from mlsae import figures
 from mlsae.report.facts import SETTLE_FRACTION, WINDOW_FRACTION, ReportFacts
+from mlsae.report.inputs import short_tokens
 from mlsae.report.markdown import Page, fmt, pct, sql_block, table
 from mlsae.report.verdicts import (
+    BUDGET_RATIO_TOLERANCE,
+    BUDGET_SHARE_TOLERANCE,
     FVU_COMPARABLE_FACTOR,
     LENS_INCREASE,
     ONE_LAYER_MAJORITY,
@@ -80,7 +83,10 @@ def header(page: Page, facts: ReportFacts) -> None:
              f"- Budget: {inp.train_tokens:,} training tokens per layer for every "
              f"autoencoder (an MLSAE sees {inp.n_layers} x that many examples), Adam lr "
              f"{inp.lr:g}, {inp.batch_tokens:,} tokens per step; metrics and latent tables "
-             f"on {inp.eval_tokens:,} held-out tokens in sequences of {inp.seq_len}.")
+             f"on {inp.eval_tokens:,} held-out tokens in sequences of {inp.seq_len}."
+             + (f" The R dose-response at k {inp.dose_k} also at "
+                f"{inp.dose_train_tokens:,} tokens per layer (section 4, with a budget "
+                "check)." if inp.dose_grid else ""))
     if others:
         page.add(f"- Other models (section 6): {', '.join(f'`{m}`' for m in others)}, each "
                  f"with one MLSAE at the base config and the same budget.")
@@ -92,17 +98,26 @@ def grid(page: Page, facts: ReportFacts, v: Verdicts) -> None:
     inp, g = facts.inputs, facts.grid
     page.add("## 0. Grid, budgets and runtime", "")
     rows, train_seconds = [], 0.0
-    for e in inp.grid:
+    for e in [*inp.grid, *inp.dose_grid]:
         f = g.training[e.sae_id]
         if f and f.seconds:
             train_seconds += f.seconds
-        rows.append([e.sae_id, e.role, e.expansion_factor, e.k, e.expansion_factor * inp.d_model,
-                     e.lens, f.steps if f else None, f.final_fvu if f else None,
+        rows.append([e.sae_id, "dose" if e.train_tokens else e.role, e.expansion_factor, e.k,
+                     e.expansion_factor * inp.d_model, e.lens,
+                     f"{e.train_tokens or inp.train_tokens:,}", f.steps if f else None,
+                     f.final_fvu if f else None,
                      f"{100 * f.fvu_change:+.1f}%" if f and f.fvu_change is not None else "-",
                      f.final_dead if f else None,
                      f"{f.seconds / 60:.1f}" if f and f.seconds else "-"])
-    page.add(*table(["sae_id", "role", "R", "k", "latents", "lens", "steps", "final train FVU",
-                     f"FVU change, last {pct(SETTLE_FRACTION)}", "final dead fraction", "train min"], rows))
+    page.add(*table(["sae_id", "role", "R", "k", "latents", "lens", "tokens per layer", "steps",
+                     "final train FVU", f"FVU change, last {pct(SETTLE_FRACTION)}",
+                     "final dead fraction", "train min"], rows))
+    if inp.dose_grid:
+        page.add(f"Role \"dose\": the R dose-response at k {inp.dose_k} trained again at "
+                 f"{inp.dose_train_tokens:,} tokens per layer (--dose-train-tokens); section 4 "
+                 "reads it, and its budget check compares it with the same MLSAEs at the "
+                 f"report's {inp.train_tokens:,}. Those shorter twins are not part of the "
+                 "settle judgement below.", "")
     s = v.settled
     if s.settled is None:
         page.add(f"Training FVU is the mean over the last {pct(WINDOW_FRACTION)} of steps. Some "
@@ -110,7 +125,8 @@ def grid(page: Page, facts: ReportFacts, v: Verdicts) -> None:
                  "steps (or no training summary) to judge whether FVU has settled: read their "
                  "metrics as those of a short run.", "")
     else:
-        names = {"mlsae": "the MLSAEs", "baseline": "the single-layer SAEs"}
+        names = {"mlsae": "the MLSAEs", "baseline": "the single-layer SAEs",
+                 "dose": "the dose-response at its budget"}
         page.add(f"Training FVU is the mean over the last {pct(WINDOW_FRACTION)} of steps; its "
                  f"change over the last {pct(SETTLE_FRACTION)} of training is at most "
                  + " and ".join(f"{fmt(100 * w)}% for {names[r]}"
@@ -133,7 +149,7 @@ def grid(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         page.figure(path, "Training FVU (log scale) and dead fraction per autoencoder, means "
                           "over windows of 1% of the steps; dashed: single-layer SAEs.")
     page.add("**Runtime.** "
-             f"Training the {len(inp.grid)} autoencoders took {train_seconds / 60:.1f} min of "
+             f"Training the {len(inp.grid) + len(inp.dose_grid)} autoencoders took {train_seconds / 60:.1f} min of "
              "wall time in total (tokens / measured tokens per second of each run's last "
              f"session), on {g.cpu_count} CPU cores ({g.machine}, device `{inp.device}`). "
              "Wall time of the report runs into this warehouse that got as far as writing "
@@ -264,7 +280,7 @@ def like_for_like(page: Page, facts: ReportFacts) -> None:
         [[e.label, r.get("ref_ratio"), r.get("ref_n_batches"), r.get("ref_var_aggregated"),
           r.get("ref_var_token"), _inverse(summary.get(e.sae_id, {}).get("ref_rel_var")),
           r.get("ratio_mass"), r.get("ratio_count")]
-         for e in inp.mlsaes if (r := like.rows.get(e.sae_id))]))
+         for e in inp.report_mlsaes if (r := like.rows.get(e.sae_id))]))
     page.add("Ours (SPEC 5, properly normalised distributions over live latents): "
              "mass-weighted = mean layer var / mean token var (the table above); "
              "count-weighted = the same with every active token counting 1 instead of its "
@@ -394,10 +410,15 @@ def dose_response(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         page.add("### R dose-response", "", "(No R dose-response in this grid: give --dose-R "
                  "and --dose-k.)", "")
         return
+    budget = inp.dose_train_tokens or inp.train_tokens
     page.add(f"### R dose-response at k {d.k}", "",
-             f"Every MLSAE of the grid at k = {d.k} (no lens), by expansion factor R: the paper's "
-             f"figures use R 64 at k 32 (k/n about 0.1%), so this says how the measures move "
-             "towards the paper's dictionary size on this model.", "")
+             f"The MLSAE at k = {d.k} (no lens) at each expansion factor R, trained on "
+             f"{budget:,} tokens per layer"
+             + (f" (--dose-train-tokens; the grid's MLSAEs have {inp.train_tokens:,}: the dose "
+                "budget is chosen so that FVU can settle at the largest R)"
+                if inp.dose_grid else "")
+             + ": the paper's figures use R 64 at k 32 (k/n about 0.1%), so this says how the "
+             "measures move towards the paper's dictionary size on this model.", "")
     if not d.rows:
         page.add(f"(The grid has no MLSAE at k = {d.k}.)", "")
         return
@@ -410,6 +431,7 @@ def dose_response(page: Page, facts: ReportFacts, v: Verdicts) -> None:
                       r["fvu"], r["dead_fraction"]] for r in d.rows]))
     if v.dose is None:
         page.add(f"Only one R at k = {d.k}: no dose-response to read.", "")
+        budget_check(page, facts, v)
         return
     rs = [r["expansion_factor"] for r in d.rows]
     page.add(f"From R {min(rs)} to R {max(rs)} the single-layer share "
@@ -426,6 +448,61 @@ def dose_response(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         paper_ratio=PAPER_RATIO, measures_label="share / FVU")
     page.figure(path, f"Single-layer share, FVU, dead fraction (left) and the three ratios "
                       f"(right, log) against R at k {d.k}.")
+    budget_check(page, facts, v)
+
+
+def budget_check(page: Page, facts: ReportFacts, v: Verdicts) -> None:
+    """The dose-response at the report's budget beside the same MLSAEs at the dose budget."""
+    inp, d, b = facts.inputs, facts.dose, v.budget
+    if d.budget_sql is None:
+        return
+    short, long = short_tokens(inp.train_tokens), short_tokens(inp.dose_train_tokens or 0)
+    page.add(f"#### Budget check: {short} vs {long} tokens per layer", "",
+             f"Each dose MLSAE at the report's budget ({inp.train_tokens:,} tokens per layer) "
+             f"and at the dose budget ({inp.dose_train_tokens:,}), nothing else changed. FVU "
+             "is measured twice: the training FVU's change over the last "
+             f"{pct(SETTLE_FRACTION)} of its run (section 0's settle measure), and the held-out "
+             "FVU's change per doubling of the budget between the two runs.", "")
+    page.add(*sql_block(d.budget_sql, inp.warehouse_arg))
+    if b is None:
+        page.add("(No dose R was trained at both budgets yet.)", "")
+        return
+    training = facts.grid.training
+    rows = []
+    for t in b.twins:
+        for row in (t.short, t.long):
+            f = training.get(row["sae_id"])
+            rows.append([t.expansion_factor, f"{row['train_tokens']:,}", row["fvu"],
+                         f"{100 * f.fvu_change:+.1f}%" if f and f.fvu_change is not None else "-",
+                         row["dead_fraction"], row["single_layer_share"], row["ref_ratio"],
+                         row["ratio_mass"]])
+    page.add(*table(["R", "tokens per layer", "held-out FVU",
+                     f"train FVU change, last {pct(SETTLE_FRACTION)}", "dead fraction",
+                     "token-latent pairs at 1 layer", "reference A/B", "ours: mass-weighted"],
+                    rows))
+    page.add(*table(["R", "single-layer share change (points)", "reference A/B change",
+                     "held-out FVU change per doubling"],
+                    [[t.expansion_factor,
+                      f"{100 * t.share_change:+.1f}" if t.share_change is not None else "-",
+                      f"{100 * t.ref_change:+.0f}%" if t.ref_change is not None else "-",
+                      f"{100 * t.fvu_per_doubling:+.1f}%" if t.fvu_per_doubling is not None
+                      else "-"] for t in b.twins]))
+    worst_share = max(abs(t.share_change or 0) for t in b.twins)
+    worst_ref = max(abs(t.ref_change or 0) for t in b.twins)
+    text = (f"From {short} to {long} tokens per layer the single-layer share moves by at most "
+            f"{100 * worst_share:.1f} points and the reference A/B by at most "
+            f"{100 * worst_ref:.0f}% (tolerances {100 * BUDGET_SHARE_TOLERANCE:g} points and "
+            f"{100 * BUDGET_RATIO_TOLERANCE:g}%): ")
+    text += ("the statistics the report concludes from hold at the longer budget"
+             if b.stable else "the statistics move with the budget, so read the dose-response "
+             f"at {long} and not at {short}")
+    if b.same_trends is not None:
+        text += ("; the dose-response's trends point the same way at both budgets."
+                 if b.same_trends else "; and the dose-response's trends differ between the "
+                 "budgets.")
+    else:
+        text += "."
+    page.add(text, "")
 
 
 def heatmaps(page: Page, facts: ReportFacts) -> None:

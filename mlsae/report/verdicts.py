@@ -105,10 +105,17 @@ class SettledVerdict(NamedTuple):
 
 
 def settled(grid: GridFacts, inputs: ReportInputs) -> SettledVerdict:
+    """Judged per role: the grid's MLSAEs, its single-layer SAEs and, with a dose budget, the
+    dose-response at that budget. The dose R's twins at the report's budget are left out of
+    the judgement (the budget check shows how far they were from settled)."""
+    twins = {short.sae_id for short, _ in inputs.budget_twins}
+    roles = {"mlsae": [e for e in inputs.grid if e.role == "mlsae" and e.sae_id not in twins],
+             "baseline": [e for e in inputs.grid if e.role == "baseline"],
+             "dose": list(inputs.dose_grid)}
     by_role: dict[str, float | None] = {}
-    for role in ("mlsae", "baseline"):
+    for role, entries in roles.items():
         changes = [None if (f := grid.training[e.sae_id]) is None else f.fvu_change
-                   for e in inputs.grid if e.role == role]
+                   for e in entries]
         if changes:
             by_role[role] = None if None in changes else max(abs(c) for c in changes)
     worst = None if None in by_role.values() or not by_role else max(by_role.values())
@@ -275,6 +282,83 @@ def dose(facts: DoseFacts) -> DoseVerdict | None:
                              [r["ref_ratio"] for r in with_ref]))
 
 
+BUDGET_SHARE_TOLERANCE = 0.02
+"""The budget check holds when each dose R's single-layer share moves by at most 2 points
+between the report's budget and the dose budget..."""
+BUDGET_RATIO_TOLERANCE = 0.2
+"""...and its reference A/B by at most 20% (relative): the statistics the report concludes
+from, not FVU, which keeps falling slowly with budget."""
+
+
+class BudgetTwin(NamedTuple):
+    expansion_factor: int
+    short: dict
+    """The dose query's row at the report's budget."""
+    long: dict
+    """...at the dose budget."""
+    share_change: float | None
+    """Single-layer share, long minus short (absolute)."""
+    ref_change: float | None
+    """Reference A/B, long / short - 1."""
+    fvu_per_doubling: float | None
+    """Held-out FVU change per doubling of the budget: (long / short)^(1 / log2(budget
+    ratio)) - 1."""
+
+
+class BudgetVerdict(NamedTuple):
+    twins: list[BudgetTwin]
+    stable: bool
+    """Every twin within BUDGET_SHARE_TOLERANCE and BUDGET_RATIO_TOLERANCE."""
+    same_trends: bool | None
+    """The dose-response's trends (share and reference A/B against R) point the same way
+    at both budgets; None with fewer than two R."""
+
+
+def budget_check(facts: DoseFacts) -> BudgetVerdict | None:
+    """Do the dose-response's statistics hold between the two budgets? None without a dose
+    budget (or twins)."""
+    by_r: dict[int, list[dict]] = {}
+    for row in facts.budget_rows:
+        by_r.setdefault(row["expansion_factor"], []).append(row)
+    twins = []
+    for r, rows in sorted(by_r.items()):
+        if len(rows) != 2:
+            continue
+        short, long = sorted(rows, key=lambda x: x["train_tokens"])
+
+        def change(key: str, relative: bool, a: dict = short, b: dict = long) -> float | None:
+            if a.get(key) is None or b.get(key) is None or (relative and not a[key]):
+                return None
+            return b[key] / a[key] - 1 if relative else b[key] - a[key]
+
+        fvu = None
+        if short.get("fvu") and long.get("fvu") and long["train_tokens"] > short["train_tokens"]:
+            doublings = float(np.log2(long["train_tokens"] / short["train_tokens"]))
+            fvu = (long["fvu"] / short["fvu"]) ** (1 / doublings) - 1
+        twins.append(BudgetTwin(r, short, long, change("single_layer_share", False),
+                                change("ref_ratio", True), fvu))
+    if not twins:
+        return None
+    stable = all(t.share_change is not None and abs(t.share_change) <= BUDGET_SHARE_TOLERANCE
+                 and t.ref_change is not None and abs(t.ref_change) <= BUDGET_RATIO_TOLERANCE
+                 for t in twins)
+    at_short = dose(DoseFacts(facts.k, "", [t.short for t in twins], None, []))
+    at_long = dose(DoseFacts(facts.k, "", [t.long for t in twins], None, []))
+    same = (None if at_short is None or at_long is None else
+            all(_sign(getattr(at_short, m)) == _sign(getattr(at_long, m))
+                for m in ("single_layer", "ref_ratio")))
+    return BudgetVerdict(twins, stable, same)
+
+
+def _sign(t: Trend) -> int:
+    """+1 grows, -1 falls (by the trend rule's correlation), 0 neither."""
+    if t.grows:
+        return 1
+    if t.correlation is not None and t.correlation <= -TREND_MIN_RANK_CORRELATION:
+        return -1
+    return 0
+
+
 class Verdicts(NamedTuple):
     settled: SettledVerdict
     one_layer: OneLayerVerdict | None
@@ -284,6 +368,7 @@ class Verdicts(NamedTuple):
     lens: LensVerdict | None
     metrics: MetricsVerdict | None
     dose: DoseVerdict | None
+    budget: BudgetVerdict | None
 
 
 def decide(facts: ReportFacts) -> Verdicts:
@@ -292,4 +377,5 @@ def decide(facts: ReportFacts) -> Verdicts:
         settled=settled(facts.grid, inputs), one_layer=one_layer(facts.activity, inputs),
         variance=variance(facts.like, facts.calibration),
         crossings=calibration_crossings(facts.calibration), family=family(facts.family),
-        lens=lens(facts.activity, inputs), metrics=metrics(facts.metrics), dose=dose(facts.dose))
+        lens=lens(facts.activity, inputs), metrics=metrics(facts.metrics), dose=dose(facts.dose),
+        budget=budget_check(facts.dose))
