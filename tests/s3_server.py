@@ -8,6 +8,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
+# Every bucket test module imports this one: without the s3 pieces the module is skipped
+# with the install command, here once instead of in each module.
+pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip install "
+                                   "'mlsae[s3]'")
+pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
+
 
 @contextmanager
 def moto_s3(tmp_path_factory, *buckets: str, scratch: bool = True) -> Iterator[dict[str, str]]:

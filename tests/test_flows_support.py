@@ -84,3 +84,42 @@ def same_values(a, b, rel_tol: float = 1e-12) -> bool:
         return len(a) == len(b) and all(same_values(x, y, rel_tol)
                                         for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def _without_cache_path(config: str) -> dict:
+    """saes.config records the activation cache's local path (a scratch directory on one
+    worker, the warehouse on another): the one field that names where the run happened."""
+    import json
+
+    parsed = json.loads(config)
+    parsed.get("extra", {}).pop("cache", None)
+    return parsed
+
+
+def assert_same_warehouse(want_where, got_where, rel_tol: float = 1e-12) -> None:
+    """Every table and view of two warehouses (directories or URLs) built from the same
+    configuration equal, floats to rel_tol; `saes` without what names where and when it was
+    written (created_at, the activation cache's path in config)."""
+    from mlsae.warehouse import connect
+
+    want_con, got_con = connect(want_where, read_only=True), connect(got_where, read_only=True)
+    try:
+        views = [name for (name,) in want_con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
+        tables = {"latents", "tokens", "saes", "layer_metrics", "variance_summary"}
+        assert tables <= set(views)
+        for name in views:
+            query = (f"SELECT * EXCLUDE (created_at, config), config FROM {name} ORDER BY sae_id"
+                     if name == "saes" else f"SELECT * FROM {name} ORDER BY ALL")
+            want, got = want_con.execute(query).fetchall(), got_con.execute(query).fetchall()
+            if name == "saes":
+                want = [(*r[:-1], _without_cache_path(r[-1])) for r in want]
+                got = [(*r[:-1], _without_cache_path(r[-1])) for r in got]
+            assert len(got) == len(want), name
+            assert want or name not in tables, name
+            for want_row, got_row in zip(want, got, strict=True):
+                assert same_values(list(want_row), list(got_row), rel_tol), (name, want_row,
+                                                                             got_row)
+    finally:
+        want_con.close()
+        got_con.close()

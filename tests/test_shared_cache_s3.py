@@ -18,18 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip install "
-                                   "'mlsae[s3]'")
-pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
-
-from tests.s3_server import moto_s3  # noqa: E402
-from tests.test_flows_support import request  # noqa: E402
-from tests.test_warehouse_s3_write import (  # noqa: E402
-    FIELDS,
-    _task_states,
-    _uncommitted,
-    assert_same_warehouse,
-)
+from tests.s3_server import moto_s3
+from tests.test_flows_support import assert_same_warehouse, request
+from tests.test_warehouse_s3_write import FIELDS, _task_states, _uncommitted
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,7 +17,12 @@ pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip
                                            "'.[dask]'")
 
 from tests.s3_server import moto_s3  # noqa: E402
-from tests.test_flows_support import request, same_values, snapshot, table_rows  # noqa: E402
+from tests.test_flows_support import (  # noqa: E402
+    assert_same_warehouse,
+    request,
+    snapshot,
+    table_rows,
+)
 
 # Generous: on a loaded 2-core machine one sweep has taken ten times its usual ~25 s.
 pytestmark = pytest.mark.timeout(600)
@@ -151,28 +156,6 @@ def assert_each_autoencoder_once(where, sae_ids: list[str]) -> None:
         where, "SELECT count(*), count(DISTINCT (sae_id, seq_id, pos, layer, latent)) "
                "FROM latents")
     assert n_latents == n_keys > 0
-
-
-def assert_same_warehouse(want_where, got_where) -> None:
-    """Every table and view equal, floats to 1e-12; saes without what names where and when
-    it was written (created_at, the activation cache's path in config)."""
-    from mlsae.warehouse import connect
-
-    want_con, got_con = connect(want_where, read_only=True), connect(got_where, read_only=True)
-    try:
-        views = [name for (name,) in want_con.execute(
-            "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
-        assert {"saes", "layer_metrics", "tokens", "latents", "variance_summary"} <= set(views)
-        for name in views:
-            query = (f"SELECT * EXCLUDE (created_at, config) FROM {name} ORDER BY ALL"
-                     if name == "saes" else f"SELECT * FROM {name} ORDER BY ALL")
-            want, got = want_con.execute(query).fetchall(), got_con.execute(query).fetchall()
-            assert len(got) == len(want), name
-            for want_row, got_row in zip(want, got, strict=True):
-                assert same_values(want_row, got_row), (name, want_row, got_row)
-    finally:
-        want_con.close()
-        got_con.close()
 
 
 def test_without_an_address_the_runner_starts_a_local_cluster_of_worker_processes():

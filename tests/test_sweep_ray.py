@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("prefect_ray", reason="the ray extra is not installed: pip install -e "
                                           "'.[ray]'")
 
+from tests.test_flows_support import assert_same_warehouse  # noqa: E402
 from tests.test_sweep_dask import (  # noqa: E402
     GRID,
     N_SAES,
     assert_each_autoencoder_once,
-    assert_same_warehouse,
     thread_run,  # noqa: F401  (a module-scoped fixture: the same sweep, thread runner)
 )
 

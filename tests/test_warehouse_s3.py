@@ -14,12 +14,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip install "
-                                   "'mlsae[s3]'")
-pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
-
-from tests.s3_server import moto_s3  # noqa: E402
-from tests.serve_warehouse import build_serve_warehouse  # noqa: E402
+from tests.s3_server import moto_s3
+from tests.serve_warehouse import build_serve_warehouse
 
 MLSAE = str(Path(sys.executable).with_name("mlsae"))
 BUCKET, OTHER = "mlsae-test", "mlsae-other"

@@ -12,13 +12,11 @@ and a real temporary Prefect server.
 - training stopped on one worker resumes from the checkpoint it published on another;
 - two `mlsae sweep` worker processes (own scratch, one Prefect server) writing one grid
   into one bucket at once: each autoencoder once, the tables equal the local run's, and a
-  rerun on one of them finds every step in the bucket's task cache (marked slow: see the
-  test).
+  rerun on one of them finds every step in the bucket's task cache.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -29,12 +27,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip install "
-                                   "'mlsae[s3]'")
-pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
-
-from tests.s3_server import moto_s3  # noqa: E402
-from tests.test_flows_support import request, same_values, table_rows  # noqa: E402
+from tests.s3_server import moto_s3
+from tests.test_flows_support import assert_same_warehouse, request, table_rows
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,44 +59,6 @@ def _fs():
     import s3fs
 
     return s3fs.S3FileSystem()
-
-
-def _without_cache_path(config: str) -> dict:
-    """saes.config records the activation cache's local path (a scratch directory here, the
-    warehouse there): the one field that names where the run happened."""
-    parsed = json.loads(config)
-    parsed.get("extra", {}).pop("cache", None)
-    return parsed
-
-
-def assert_same_warehouse(local, url: str, rel_tol: float = 1e-12) -> None:
-    """Every table and view of the bucket equals the local warehouse's (floats to rel_tol)."""
-    from mlsae.warehouse import connect
-
-    con_local, con_url = connect(local), connect(url)
-    try:
-        _compare(con_local, con_url, rel_tol)
-    finally:
-        con_local.close()
-        con_url.close()
-
-
-def _compare(con_local, con_url, rel_tol: float = 1e-12) -> None:
-    views = [name for (name,) in con_local.execute(
-        "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
-    assert {"latents", "tokens", "saes", "layer_metrics", "variance_summary"} <= set(views)
-    for name in views:
-        query = (f"SELECT * EXCLUDE (created_at, config), config FROM {name} ORDER BY sae_id"
-                 if name == "saes" else f"SELECT * FROM {name} ORDER BY ALL")
-        want, got = con_local.execute(query).fetchall(), con_url.execute(query).fetchall()
-        if name == "saes":
-            want = [(*r[:-1], _without_cache_path(r[-1])) for r in want]
-            got = [(*r[:-1], _without_cache_path(r[-1])) for r in got]
-        assert len(got) == len(want), name
-        if name in ("latents", "tokens", "saes", "layer_metrics", "variance_summary"):
-            assert want, name
-        for row_want, row_got in zip(want, got, strict=True):
-            assert same_values(list(row_want), list(row_got), rel_tol), (name, row_want, row_got)
 
 
 def _sae_objects(url: str, sae_id: str) -> dict[str, dict]:
@@ -302,7 +258,6 @@ def test_training_resumes_from_a_checkpoint_another_worker_published(s3_env, tmp
     assert f"autoencoders/{sae_id}/sae/model.safetensors" in _sae_objects(url, sae_id)
 
 
-@pytest.mark.slow  # once failed under load: a worker's figures step, FileNotFoundError on a commit
 @pytest.mark.timeout(600)
 def test_two_workers_write_one_sweep_into_one_bucket_at_once(local_run, s3_env, prefect_api,
                                                              tmp_path):
