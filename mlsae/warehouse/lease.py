@@ -8,6 +8,13 @@ of several waiters wins). A holder killed without releasing blocks others for at
 the time to live (a holder on the same machine that no longer runs, not even that: a
 rerun after a kill continues at once). S3 (since 2024), MinIO, R2 and moto's server honour both conditions;
 a store that ignores them would let two writers in, so expiry is the only guard there.
+
+Expiry compares no clocks across machines: a waiter counts a lease as expired once the
+object has kept one ETag (no renewal) for the holder's time to live, measured on the
+waiter's own monotonic clock. The `expires_at` in the object (the holder's wall clock)
+only informs `holder()` and log lines; a clock skewed by minutes between machines can
+neither let a waiter take a renewed lease nor keep it waiting on a dead one for longer
+than the time to live.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ class Lease:
     """A renewal failed: another writer took the lease over (ours had expired)."""
 
     def body(self) -> bytes:
-        return json.dumps({"owner": self.owner,
+        return json.dumps({"owner": self.owner, "seconds": self.seconds,
                            "expires_at": time.time() + self.seconds}).encode()
 
     def renew(self) -> None:
@@ -74,8 +81,10 @@ class Lease:
             self.lost = True
 
 
-def _try_take(store: Store, key: str, lease: Lease) -> bool:
-    """Create the lease object, or take over an expired one; False if someone holds it."""
+def _try_take(store: Store, key: str, lease: Lease, seen: dict[str, float]) -> bool:
+    """Create the lease object, or take over an expired one; False if someone holds it.
+    `seen`: ETag -> when this waiter first saw it (time.monotonic), kept across attempts:
+    a lease is expired once one ETag has stood for its time to live."""
     try:
         lease.etag = etag_of(store.fs.pipe_file(key, lease.body(), mode="create"))
         return True
@@ -86,7 +95,9 @@ def _try_take(store: Store, key: str, lease: Lease) -> bool:
         current = json.loads(store.fs.cat_file(key))
     except FileNotFoundError:  # released meanwhile: try again at once
         return False
-    if current.get("expires_at", 0) > time.time() and not _dead_here(current.get("owner", "")):
+    standing = time.monotonic() - seen.setdefault(etag_of(info), time.monotonic())
+    ttl = float(current.get("seconds") or lease.seconds)
+    if standing < ttl and not _dead_here(current.get("owner", "")):
         return False
     try:  # expired (or its holder died on this machine): take it over, unless another
         # waiter was first
@@ -113,7 +124,8 @@ def _dead_here(owner: str) -> bool:
 
 
 def holder(where: str | os.PathLike, name: str) -> str | None:
-    """Who holds the lease `name` now (None: nobody, or an expired holder)."""
+    """Who holds the lease `name` now by its holder's clock (None: nobody, or expired by
+    that clock); for display: waiters judge expiry by renewals (see the module's doc)."""
     store = open_store(where)
     try:
         current = json.loads(store.fs.cat_file(store.key(lease_key(name))))
@@ -133,8 +145,8 @@ def holding(where: str | os.PathLike, name: str, *, seconds: float | None = None
     key = store.key(lease_key(name))
     lease = Lease(store, key, f"{writer_id()}:{uuid.uuid4().hex[:8]}", "",
                   seconds or lease_seconds())
-    waited = False
-    while not _try_take(store, key, lease):
+    waited, seen = False, {}
+    while not _try_take(store, key, lease, seen):
         if not waited and log is not None:
             log(f"{name}: another worker holds it ({holder(where, name) or 'expiring'}); "
                 f"waiting (at most {lease.seconds:.0f} s after it stops renewing)")
