@@ -25,12 +25,6 @@ class ReportManifest(TypedDict):
     figures: list[str]
 
 
-def report_dir_for(out: str | Path, model_slug: str) -> Path:
-    from mlsae import warehouse
-
-    return warehouse.report_dir(out, model_slug)
-
-
 def _model_inputs(plan: Plan, out: str) -> dict:
     """Where a model's residual sample comes from (its cache on this worker, else a stream)
     and its size."""
@@ -117,7 +111,7 @@ def _write(plan: Plan, base: tuple[int, int], figures: FiguresManifest, command:
         pipeline_figures=[str(warehouse.local_path(out, p)) for p in figures["figures"]],
         family=others, dose_k=plan["request"]["grid"].get("dose_k"), started_at=started_at,
         device=plan["device"], **_model_inputs(plan, out))
-    target = report_dir_for(warehouse.working_dir(out), model["slug"])
+    target = warehouse.report_dir(warehouse.working_dir(out), model["slug"])
     start = time.perf_counter()
     result = build(inputs, target)
     run_logger().info("report: %s (%d figures, %.1f s); finding 3 across %d models: %s",
