@@ -988,8 +988,10 @@ def check_report_plans(request: RunRequest, models: list[str], out: str | None =
         try:
             dose = make_plan(dose_request, out)
             # its budget is --dose-train-tokens: say so where the plan names the option
-            dose["notes"] = [n.replace("--train-tokens", "--dose-train-tokens")
-                             for n in dose["notes"]]
+            dose["notes"] = [
+                f"the report's R dose-response again at --dose-train-tokens "
+                f"{dose['train_tokens']:,} (its budget check)",
+                *(n.replace("--train-tokens", "--dose-train-tokens") for n in dose["notes"])]
         except InvalidRequest as err:
             problems.append(f"the dose-response at --dose-train-tokens: {err}")
     if problems:
