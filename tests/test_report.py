@@ -436,6 +436,8 @@ def test_report_with_a_model_family_writes_every_section(built_report):
         assert f" | {ratios[sae_id]['single_layer_share']:.3g} | " in check
     # spills 0.6 -> 0.5 and 0.3 -> 0.25: shares move 5-10 points, beyond the tolerance
     assert not budget.stable and "the statistics move with the budget" in check
+    assert "Budget check (section 4): from 1k to 4k tokens per layer" in text
+    assert "beyond the tolerances: findings read from the dose line" in text
 
     # Finding 3 is the verdict on the facts the report read: testable (two sizes), its
     # status in the text.

@@ -609,8 +609,9 @@ def differences(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         page.add(f"2. **Aggregated layer variance ~{PAPER_RATIO:g}x the per-token one.** "
                  f"Measured as the paper measures it (its code's A/B over "
                  f"{facts.like.batch_tokens}-token batches, "
-                 f"section 3 \"Like for like\"), the grid gives {fmt(var.ref_low)}-"
-                 f"{fmt(var.ref_high)}. "
+                 f"section 3 \"Like for like\"), the grid"
+                 + (" and the dose-response at its budget give " if inp.dose_grid else " gives ")
+                 + f"{fmt(var.ref_low)}-{fmt(var.ref_high)}. "
                  + (f"Of the paper's order (at least {PAPER_ORDER:g})." if var.near_paper else
                     f"Below the paper's ~{PAPER_RATIO:g}. Plausible reasons: this model has {n} "
                     f"blocks of width {inp.d_model}{size}; its residual stream changes little "
@@ -624,8 +625,9 @@ def differences(page: Page, facts: ReportFacts, v: Verdicts) -> None:
                        f"{PAPER_RATIO:g} only at a single-layer share of " + " or ".join(
                            f"{pct(x)} ({name})" for name, x in var.crossings.items()) + ". "
                        if var.crossings else "")
-                    + f"And the autoencoders here see {inp.train_tokens:,} tokens per layer, "
-                    "not the paper's 1B.")
+                    + f"And the autoencoders here see {inp.train_tokens:,} tokens per layer"
+                    + (f" ({inp.dose_train_tokens:,} for the dose-response)"
+                       if inp.dose_train_tokens else "") + ", not the paper's 1B.")
                  + (f" Our own normalised ratios (mass- and count-weighted, {fmt(min(var.ours))}"
                     f"-{fmt(max(var.ours))}) measure something else and are not set against "
                     "the paper's number." if var.ours else ""), "")
@@ -669,6 +671,16 @@ def differences(page: Page, facts: ReportFacts, v: Verdicts) -> None:
     if v.settled.settled is False:
         page.add("Some runs were still improving at the end of their budget (section 0); the "
                  "comparisons above may move with longer training.", "")
+    if (b := v.budget) is not None:
+        short = short_tokens(inp.train_tokens)
+        long = short_tokens(inp.dose_train_tokens or 0)
+        page.add(f"Budget check (section 4): from {short} to {long} tokens per layer the "
+                 "dose-response's single-layer share moved by at most "
+                 f"{100 * max(abs(t.share_change or 0) for t in b.twins):.1f} points and its "
+                 f"reference A/B by at most {100 * max(abs(t.ref_change or 0) for t in b.twins):.0f}%"
+                 + (", within the tolerances: the findings above do not hinge on the budget."
+                    if b.stable else ", beyond the tolerances: findings read from the dose "
+                    "line at the shorter budget would move with training."), "")
 
 
 def reproduce(page: Page, facts: ReportFacts) -> None:
