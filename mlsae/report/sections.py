@@ -142,10 +142,10 @@ def grid(page: Page, facts: ReportFacts, v: Verdicts) -> None:
     curves = {e.label: (_smooth([h["tokens"] for h in f.history]),
                         _smooth([h["fvu"] for h in f.history]),
                         _smooth([h["dead_fraction"] for h in f.history]))
-              for e in inp.grid if (f := g.training[e.sae_id]) and f.history}
+              for e in [*inp.grid, *inp.dose_grid] if (f := g.training[e.sae_id]) and f.history}
     if curves:
         path = figures.plot_training_curves(curves, page.path("training_curves.png"),
-                                            highlight=[e.label for e in inp.mlsaes])
+                                            highlight=[e.label for e in inp.report_mlsaes])
         page.figure(path, "Training FVU (log scale) and dead fraction per autoencoder, means "
                           "over windows of 1% of the steps; dashed: single-layer SAEs.")
     page.add("**Runtime.** "
