@@ -487,11 +487,9 @@ def budget_check(page: Page, facts: ReportFacts, v: Verdicts) -> None:
                       f"{100 * t.ref_change:+.0f}%" if t.ref_change is not None else "-",
                       f"{100 * t.fvu_per_doubling:+.1f}%" if t.fvu_per_doubling is not None
                       else "-"] for t in b.twins]))
-    worst_share = max(abs(t.share_change or 0) for t in b.twins)
-    worst_ref = max(abs(t.ref_change or 0) for t in b.twins)
     text = (f"From {short} to {long} tokens per layer the single-layer share moves by at most "
-            f"{100 * worst_share:.1f} points and the reference A/B by at most "
-            f"{100 * worst_ref:.0f}% (tolerances {100 * BUDGET_SHARE_TOLERANCE:g} points and "
+            f"{100 * b.worst_share_change:.1f} points and the reference A/B by at most "
+            f"{100 * b.worst_ref_change:.0f}% (tolerances {100 * BUDGET_SHARE_TOLERANCE:g} points and "
             f"{100 * BUDGET_RATIO_TOLERANCE:g}%): ")
     text += ("the statistics the report concludes from hold at the longer budget"
              if b.stable else "the statistics move with the budget, so read the dose-response "
@@ -676,8 +674,8 @@ def differences(page: Page, facts: ReportFacts, v: Verdicts) -> None:
         long = short_tokens(inp.dose_train_tokens or 0)
         page.add(f"Budget check (section 4): from {short} to {long} tokens per layer the "
                  "dose-response's single-layer share moved by at most "
-                 f"{100 * max(abs(t.share_change or 0) for t in b.twins):.1f} points and its "
-                 f"reference A/B by at most {100 * max(abs(t.ref_change or 0) for t in b.twins):.0f}%"
+                 f"{100 * b.worst_share_change:.1f} points and its "
+                 f"reference A/B by at most {100 * b.worst_ref_change:.0f}%"
                  + (", within the tolerances: the findings above do not hinge on the budget."
                     if b.stable else ", beyond the tolerances: findings read from the dose "
                     "line at the shorter budget would move with training."), "")

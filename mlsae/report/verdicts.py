@@ -272,7 +272,12 @@ class DoseVerdict(NamedTuple):
 def dose(facts: DoseFacts) -> DoseVerdict | None:
     """How the single-layer share and the reference A/B move with R at fixed k (the same
     trend rule as finding 3); None with fewer than two R."""
-    rows = [r for r in facts.rows if r.get("single_layer_share") is not None]
+    return dose_trends(facts.rows)
+
+
+def dose_trends(dose_rows: Sequence[dict]) -> DoseVerdict | None:
+    """dose() of rows of the dose query (expansion_factor, single_layer_share, ref_ratio)."""
+    rows = [r for r in dose_rows if r.get("single_layer_share") is not None]
     if len({r["expansion_factor"] for r in rows}) < 2:
         return None
     rs = [r["expansion_factor"] for r in rows]
@@ -312,6 +317,10 @@ class BudgetVerdict(NamedTuple):
     same_trends: bool | None
     """The dose-response's trends (share and reference A/B against R) point the same way
     at both budgets; None with fewer than two R."""
+    worst_share_change: float
+    """Largest |single-layer share change| over the twins (a twin without one counts 0)."""
+    worst_ref_change: float
+    """Largest |reference A/B change| over the twins (likewise)."""
 
 
 def budget_check(facts: DoseFacts) -> BudgetVerdict | None:
@@ -342,12 +351,14 @@ def budget_check(facts: DoseFacts) -> BudgetVerdict | None:
     stable = all(t.share_change is not None and abs(t.share_change) <= BUDGET_SHARE_TOLERANCE
                  and t.ref_change is not None and abs(t.ref_change) <= BUDGET_RATIO_TOLERANCE
                  for t in twins)
-    at_short = dose(DoseFacts(facts.k, "", [t.short for t in twins], None, []))
-    at_long = dose(DoseFacts(facts.k, "", [t.long for t in twins], None, []))
+    at_short = dose_trends([t.short for t in twins])
+    at_long = dose_trends([t.long for t in twins])
     same = (None if at_short is None or at_long is None else
             all(_sign(getattr(at_short, m)) == _sign(getattr(at_long, m))
                 for m in ("single_layer", "ref_ratio")))
-    return BudgetVerdict(twins, stable, same)
+    return BudgetVerdict(twins, stable, same,
+                         worst_share_change=max(abs(t.share_change or 0) for t in twins),
+                         worst_ref_change=max(abs(t.ref_change or 0) for t in twins))
 
 
 def _sign(t: Trend) -> int:
