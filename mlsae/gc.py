@@ -53,10 +53,9 @@ def unfinished_trainings(warehouse_dir: str | os.PathLike) -> list[str]:
     the bucket's committed units or in this machine's working copy)."""
     from mlsae.sae.train import CHECKPOINT
 
-    local = warehouse.working_dir(warehouse_dir)
-    checkpointed = {d.name for d in warehouse.autoencoder_dirs(local) if (d / CHECKPOINT).exists()}
-    trained = {d.name for d in warehouse.autoencoder_dirs(local)
-               if (d / TRAINED_WEIGHTS_DIR / "config.json").exists()}
+    dirs = warehouse.autoencoder_dirs(warehouse.working_dir(warehouse_dir))
+    checkpointed = {d.name for d in dirs if (d / CHECKPOINT).exists()}
+    trained = {d.name for d in dirs if (d / TRAINED_WEIGHTS_DIR / "config.json").exists()}
     if warehouse.is_url(warehouse_dir):
         committed = _committed_autoencoder_units(warehouse_dir)
         checkpointed |= {sae_id for sae_id, name in committed if name == CHECKPOINT}
@@ -111,12 +110,13 @@ def cache_uses(warehouse_dir: str | os.PathLike) -> list[CacheUse]:
     return [use for use, _ in _cache_uses(warehouse_dir)]
 
 
-def _cache_uses(warehouse_dir: str | os.PathLike) -> list[tuple[CacheUse, dict | None]]:
-    """cache_uses, each with the commits by unit of a shared cache (None: a local one)."""
+def _cache_uses(warehouse_dir: str | os.PathLike
+                ) -> list[tuple[CacheUse, tuple[str, dict] | None]]:
+    """cache_uses, each with (key, commits by unit) of a shared cache (None: a local one)."""
     from mlsae.cache import ActivationCache, CacheError
 
     unfinished = unfinished_trainings(warehouse_dir)
-    uses: list[tuple[CacheUse, dict | None]] = []
+    uses: list[tuple[CacheUse, tuple[str, dict] | None]] = []
     for path in warehouse.activation_caches(warehouse_dir):
         try:
             complete = ActivationCache.open(path, allow_partial=True).manifest.complete
@@ -137,7 +137,7 @@ def _cache_uses(warehouse_dir: str | os.PathLike) -> list[tuple[CacheUse, dict |
                 needed = list(unfinished) if complete else ["extraction not finished"]
             use = CacheUse(f"{base}/{activation_cache_prefix(key)}", entry["bytes"], complete,
                            needed)
-            uses.append((use, entry["commits"]))
+            uses.append((use, (key, entry["commits"])))
     return uses
 
 
@@ -155,16 +155,15 @@ def remove_unneeded_caches(warehouse_dir: str | os.PathLike, dry_run: bool = Fal
     objects (remove_shared_cache)."""
     trash = warehouse.trash_dir(warehouse.working_dir(warehouse_dir))
     removed, kept = [], []
-    for use, commits in _cache_uses(warehouse_dir):
+    for use, shared in _cache_uses(warehouse_dir):
         if use.needed_by:
             kept.append(use)
             continue
         removed.append(use)
         if dry_run:
             continue
-        if commits is not None:
-            key = str(use.path).rstrip("/").rsplit("/", 1)[-1]
-            remove_shared_cache(warehouse_dir, key, commits)
+        if shared is not None:
+            remove_shared_cache(warehouse_dir, *shared)
             continue
         trash.mkdir(parents=True, exist_ok=True)
         target = trash / f"{use.path.name}-{uuid.uuid4().hex[:8]}"

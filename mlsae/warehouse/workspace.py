@@ -27,6 +27,7 @@ from pathlib import Path
 from mlsae.warehouse.layout import (
     AUTOENCODERS_DIR,
     LENSES_DIR,
+    TRAINED_WEIGHTS_DIR,
     activation_cache_prefix,
     autoencoder_dir,
     init_warehouse,
@@ -192,7 +193,5 @@ def pull_weights(where: str | os.PathLike, sae_id: str, *, lens: bool = False) -
     do for a local warehouse."""
     if not is_url(where):
         return
-    from mlsae.warehouse.layout import TRAINED_WEIGHTS_DIR
-
     pull(where, [sae_id], shared_prefixes=(LENSES_DIR + "/",) if lens else (),
          sae_prefix=f"{AUTOENCODERS_DIR}/{sae_id}/{TRAINED_WEIGHTS_DIR}")
