@@ -1,7 +1,8 @@
 """The sweep on Ray (prefect-ray's task runner, a local Ray instance of worker processes
-started by the runner), with a real Prefect server: every task runs in a Ray worker
-process, every autoencoder is written once, and every table and view equals those of the
-same sweep with the default thread runner.
+started by the runner, sized by --max-workers), with a real Prefect server: every
+autoencoder is written once, and every table and view equals those of the same sweep with
+the default thread runner. (Unlike tests/test_sweep_dask.py, which tasks ran in which
+worker process is not checked here.)
 
 Marked slow and skipped without the ray extra: Ray is large and slow to start, so it is
 not part of the default run. Run it with:
